@@ -1,0 +1,25 @@
+"""layernorm_ext: fast, exact LayerNorm, RMSNorm and BatchNorm kernels for PyTorch.
+
+Drop-in replacements for torch.nn's normalization layers and functions,
+computed by the extension's C++/OpenMP (CPU) and CUDA kernels, registered as
+torch ops under ``torch.ops.layernorm_ext`` (autograd, torch.compile and
+fake tensors supported).
+"""
+
+from ._loader import build_info, ensure_loaded, load_jit
+
+ensure_loaded()
+
+from .layer_norm import LayerNorm, layer_norm  # noqa: E402
+from .rms_norm import RMSNorm, rms_norm  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+    "build_info",
+    "layer_norm",
+    "load_jit",
+    "rms_norm",
+]

@@ -1,0 +1,27 @@
+"""Small helpers shared by the op wrappers."""
+
+import numbers
+
+import torch
+
+
+def normalized_shape_list(normalized_shape) -> list:
+    """normalized_shape as torch.nn accepts it (an int or a sequence), as a list."""
+    if isinstance(normalized_shape, numbers.Integral):
+        return [int(normalized_shape)]
+    return list(normalized_shape)
+
+
+def stats_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of saved statistics: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def batch_shape(input: torch.Tensor, normalized_shape) -> tuple:
+    """The input's leading dims, which index the rows being normalized."""
+    return tuple(input.shape[: input.dim() - len(normalized_shape)])
+
+
+def empty_unless(wanted: bool, like: torch.Tensor, shape) -> torch.Tensor:
+    """A fake-kernel output: `shape` with `like`'s dtype and device if wanted, else shape [0]."""
+    return like.new_empty(tuple(shape) if wanted else (0,))

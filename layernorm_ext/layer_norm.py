@@ -1,0 +1,92 @@
+"""LayerNorm: ``layer_norm`` (as torch.nn.functional.layer_norm) and ``LayerNorm``
+(a drop-in torch.nn.LayerNorm), with the fake kernels and the autograd formula
+of the ``layernorm_ext::layer_norm_forward`` / ``layer_norm_backward`` ops.
+"""
+
+import torch
+
+from ._shapes import batch_shape, empty_unless, normalized_shape_list, stats_dtype
+
+_ops = torch.ops.layernorm_ext
+
+
+def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    """Layer normalization over the trailing ``normalized_shape`` dims of ``input``.
+
+    Same contract as :func:`torch.nn.functional.layer_norm`: each row is
+    normalized by its mean and *biased* variance, ``eps`` is added inside the
+    square root, then scaled by ``weight`` and shifted by ``bias`` (both
+    optional, of shape ``normalized_shape``). float16/bfloat16 inputs are
+    computed in float32; their weight and bias may be float32.
+    """
+    output, _, _ = _ops.layer_norm_forward(
+        input, normalized_shape_list(normalized_shape), weight, bias, float(eps)
+    )
+    return output
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """Drop-in for :class:`torch.nn.LayerNorm`, computed by layernorm_ext's kernels.
+
+    Same arguments, defaults, parameters (``weight``, ``bias``), initialisation,
+    ``state_dict`` keys and ``repr``; it is a subclass of torch.nn.LayerNorm, so
+    code that checks ``isinstance(m, torch.nn.LayerNorm)`` keeps working.
+    """
+
+    def forward(self, input):
+        return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+@torch.library.register_fake("layernorm_ext::layer_norm_forward")
+def _layer_norm_forward_fake(input, normalized_shape, weight, bias, eps):
+    stats = batch_shape(input, normalized_shape)
+    dtype = stats_dtype(input.dtype)
+    return (
+        input.new_empty(input.shape),
+        input.new_empty(stats, dtype=dtype),
+        input.new_empty(stats, dtype=dtype),
+    )
+
+
+@torch.library.register_fake("layernorm_ext::layer_norm_backward")
+def _layer_norm_backward_fake(
+    grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask
+):
+    weight_like = weight if weight is not None else input
+    bias_like = bias if bias is not None else weight_like
+    return (
+        empty_unless(output_mask[0], input, input.shape),
+        empty_unless(output_mask[1] and weight is not None, weight_like, normalized_shape),
+        empty_unless(output_mask[2] and bias is not None, bias_like, normalized_shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, bias, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(input, weight, bias, mean, rstd)
+    ctx.normalized_shape = normalized_shape
+
+
+def _backward(ctx, grad_output, _grad_mean, _grad_rstd):
+    input, weight, bias, mean, rstd = ctx.saved_tensors
+    mask = [
+        ctx.needs_input_grad[0],
+        weight is not None and ctx.needs_input_grad[2],
+        bias is not None and ctx.needs_input_grad[3],
+    ]
+    grad_input, grad_weight, grad_bias = _ops.layer_norm_backward(
+        grad_output, input, ctx.normalized_shape, mean, rstd, weight, bias, mask
+    )
+    return (
+        grad_input if mask[0] else None,
+        None,
+        grad_weight if mask[1] else None,
+        grad_bias if mask[2] else None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "layernorm_ext::layer_norm_forward", _backward, setup_context=_setup_context
+)

@@ -1,0 +1,81 @@
+"""RMSNorm: ``rms_norm`` (as torch.nn.functional.rms_norm) and ``RMSNorm`` (a
+drop-in torch.nn.RMSNorm), with the fake kernels and the autograd formula of
+the ``layernorm_ext::rms_norm_forward`` / ``rms_norm_backward`` ops.
+"""
+
+import torch
+
+from ._shapes import batch_shape, empty_unless, normalized_shape_list, stats_dtype
+
+_ops = torch.ops.layernorm_ext
+
+
+def default_rms_eps(dtype: torch.dtype) -> float:
+    """The eps torch uses when RMSNorm's eps is None.
+
+    torch documents ``torch.finfo(input.dtype).eps``, but its kernels take the
+    machine epsilon of the type they compute in: float32 for float16/bfloat16
+    inputs (1.19e-7, not bfloat16's 7.8e-3). We match what torch computes.
+    """
+    return torch.finfo(stats_dtype(dtype)).eps
+
+
+def rms_norm(input, normalized_shape, weight=None, eps=None):
+    """Root-mean-square normalization over the trailing ``normalized_shape`` dims.
+
+    Same contract as :func:`torch.nn.functional.rms_norm`:
+    ``y = x / sqrt(mean(x**2) + eps) * weight``; ``eps=None`` takes the default
+    described in :func:`default_rms_eps`.
+    """
+    if eps is None:
+        eps = default_rms_eps(input.dtype)
+    output, _ = _ops.rms_norm_forward(
+        input, normalized_shape_list(normalized_shape), weight, float(eps)
+    )
+    return output
+
+
+class RMSNorm(torch.nn.RMSNorm):
+    """Drop-in for :class:`torch.nn.RMSNorm`, computed by layernorm_ext's kernels.
+
+    Same arguments, defaults, parameter, ``state_dict`` keys and ``repr``; a
+    subclass of torch.nn.RMSNorm.
+    """
+
+    def forward(self, input):
+        return rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+
+@torch.library.register_fake("layernorm_ext::rms_norm_forward")
+def _rms_norm_forward_fake(input, normalized_shape, weight, eps):
+    stats = batch_shape(input, normalized_shape)
+    return input.new_empty(input.shape), input.new_empty(stats, dtype=stats_dtype(input.dtype))
+
+
+@torch.library.register_fake("layernorm_ext::rms_norm_backward")
+def _rms_norm_backward_fake(grad_output, input, normalized_shape, rstd, weight, output_mask):
+    weight_like = weight if weight is not None else input
+    return (
+        empty_unless(output_mask[0], input, input.shape),
+        empty_unless(output_mask[1] and weight is not None, weight_like, normalized_shape),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, normalized_shape, weight, _ = inputs
+    ctx.save_for_backward(input, weight, output[1])
+    ctx.normalized_shape = normalized_shape
+
+
+def _backward(ctx, grad_output, _grad_rstd):
+    input, weight, rstd = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]]
+    grad_input, grad_weight = _ops.rms_norm_backward(
+        grad_output, input, ctx.normalized_shape, rstd, weight, mask
+    )
+    return (grad_input if mask[0] else None, None, grad_weight if mask[1] else None, None)
+
+
+torch.library.register_autograd(
+    "layernorm_ext::rms_norm_forward", _backward, setup_context=_setup_context
+)

@@ -1,0 +1,46 @@
+// Argument checks and layout decisions shared by the BatchNorm ops of every
+// backend. They raise torch.nn.functional.batch_norm's errors, with its
+// wording where it has one, before any output is allocated or state touched.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <optional>
+
+namespace layernorm_ext {
+
+// An (N, C, *) input seen as N x C x inner, inner being the product of the
+// spatial dims (1 for a 2-D input).
+struct ChannelShape {
+  int64_t batch;
+  int64_t channels;
+  int64_t inner;
+};
+
+// Checks a forward call: floating-point input of 2 to 5 dims; weight, bias,
+// running_mean and running_var (each optional) of shape [C] on the input's
+// device with an accepted dtype; in eval both running stats given; in training
+// more than one value per channel. Returns the channel shape.
+ChannelShape check_batch_norm_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var,
+    bool training);
+
+// Checks a backward call against its forward input: grad_output of the
+// input's shape, dtype and device; saved statistics of C elements.
+void check_batch_norm_backward_args(
+    const at::Tensor& grad_output,
+    const at::Tensor& input,
+    const at::Tensor& save_mean,
+    const at::Tensor& save_rstd);
+
+// True when the kernels should run in channels-last order: a 4-D input in
+// torch.channels_last or a 5-D input in torch.channels_last_3d that is not
+// also plain contiguous. Outputs (and grad_input) take the same memory
+// format, and the fake kernels apply the same rule.
+bool use_channels_last(const at::Tensor& input);
+
+} // namespace layernorm_ext

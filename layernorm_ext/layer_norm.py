@@ -5,7 +5,13 @@ of the ``layernorm_ext::layer_norm_forward`` / ``layer_norm_backward`` ops.
 
 import torch
 
-from ._shapes import batch_shape, empty_unless, normalized_shape_list, stats_dtype
+from ._shapes import (
+    batch_shape,
+    check_same_device,
+    empty_unless,
+    normalized_shape_list,
+    stats_dtype,
+)
 
 _ops = torch.ops.layernorm_ext
 
@@ -39,6 +45,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
 @torch.library.register_fake("layernorm_ext::layer_norm_forward")
 def _layer_norm_forward_fake(input, normalized_shape, weight, bias, eps):
+    check_same_device("layer_norm", input, weight=weight, bias=bias)
     stats = batch_shape(input, normalized_shape)
     dtype = stats_dtype(input.dtype)
     return (

@@ -5,7 +5,13 @@ the ``layernorm_ext::rms_norm_forward`` / ``rms_norm_backward`` ops.
 
 import torch
 
-from ._shapes import batch_shape, empty_unless, normalized_shape_list, stats_dtype
+from ._shapes import (
+    batch_shape,
+    check_same_device,
+    empty_unless,
+    normalized_shape_list,
+    stats_dtype,
+)
 
 _ops = torch.ops.layernorm_ext
 
@@ -48,6 +54,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
 @torch.library.register_fake("layernorm_ext::rms_norm_forward")
 def _rms_norm_forward_fake(input, normalized_shape, weight, eps):
+    check_same_device("rms_norm", input, weight=weight)
     stats = batch_shape(input, normalized_shape)
     return input.new_empty(input.shape), input.new_empty(stats, dtype=stats_dtype(input.dtype))
 

@@ -14,8 +14,8 @@
 // Memory: a half/bfloat16 row is converted to acc_t once into a per-task
 // buffer; the statistics sweeps and the normalize sweep then read it from
 // L1/L2, so the row is read from memory once and written once. Variance is
-// two-pass (mean first, then squared deviations), which stays exact for rows
-// whose mean is large against their spread, unlike E[x^2] - E[x]^2.
+// two-pass (a shifted mean first, then squared deviations), which stays exact
+// for rows whose mean is large against their spread, unlike E[x^2] - E[x]^2.
 //
 // Backward: the gradients of weight and bias are sums over rows. Rows are cut
 // into a number of blocks that depends on the shape alone; a task owns whole
@@ -94,7 +94,10 @@ void row_norm_forward(
       const acc* x = row_as_acc(input + r * cols, cols, buffer);
       acc mu = 0;
       if constexpr (kCenter) {
-        mu = chunked_sum<acc>(cols, [&](int64_t j) { return x[j]; }) / cols;
+        // Summing x - x[0] instead of x keeps the mean exact when it is large
+        // against the row's spread (the terms stay of the spread's size).
+        const acc shift = cols > 0 ? x[0] : acc(0);
+        mu = shift + chunked_sum<acc>(cols, [&](int64_t j) { return x[j] - shift; }) / cols;
         mean[r] = mu;
       }
       const acc var = chunked_sum<acc>(cols, [&](int64_t j) {

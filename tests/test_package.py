@@ -77,3 +77,10 @@ def test_bare_checkout_falls_back_to_jit(bare_checkout, extensions_dir):
     assert info["source"] == "jit"
     # The sources and flags are unchanged, so the cached build is reused.
     assert any(extensions_dir.rglob("*.so"))
+
+
+def test_ci_runs_the_readme_test_command():
+    """.ci/run must run exactly the test command the README gives users."""
+    ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
+    command = next(line for line in ci_lines if "pytest tests" in line and not line.startswith("#"))
+    assert command in (REPO / "README.md").read_text()

@@ -109,44 +109,30 @@ def _batch_norm_args(training):
     return make
 
 
+ROW_CHECK_SHAPE = (5, 3, 67)
 ROW_SPEED_SHAPES = ((4096, 1024), (512, 8192))
+BATCH_CHECK_SHAPE = (6, 5, 4, 3)
 BATCH_SPEED_SHAPES = ((32, 64, 56, 56),)
 
+
+def _row_op(function, reference, make_args):
+    """A LayerNorm/RMSNorm-like op over the last dim."""
+    return Op(function, function, reference, make_args, ROW_CHECK_SHAPE, ROW_SPEED_SHAPES)
+
+
+def _batch_norm_op(training):
+    label = f"batch_norm ({'training' if training else 'eval'})"
+    make_args = _batch_norm_args(training)
+    return Op(label, "batch_norm", F.batch_norm, make_args, BATCH_CHECK_SHAPE, BATCH_SPEED_SHAPES)
+
+
 OPS = (
-    Op("layer_norm", "layer_norm", F.layer_norm, _layer_norm_args, (5, 3, 67), ROW_SPEED_SHAPES),
-    Op("rms_norm", "rms_norm", F.rms_norm, _rms_norm_args, (5, 3, 67), ROW_SPEED_SHAPES),
-    Op(
-        "batch_norm (training)",
-        "batch_norm",
-        F.batch_norm,
-        _batch_norm_args(training=True),
-        (6, 5, 4, 3),
-        BATCH_SPEED_SHAPES,
-    ),
-    Op(
-        "batch_norm (eval)",
-        "batch_norm",
-        F.batch_norm,
-        _batch_norm_args(training=False),
-        (6, 5, 4, 3),
-        BATCH_SPEED_SHAPES,
-    ),
-    Op(
-        "fused_add_layer_norm",
-        "fused_add_layer_norm",
-        _fused_add(F.layer_norm),
-        _with_residual(_layer_norm_args),
-        (5, 3, 67),
-        ROW_SPEED_SHAPES,
-    ),
-    Op(
-        "fused_add_rms_norm",
-        "fused_add_rms_norm",
-        _fused_add(F.rms_norm),
-        _with_residual(_rms_norm_args),
-        (5, 3, 67),
-        ROW_SPEED_SHAPES,
-    ),
+    _row_op("layer_norm", F.layer_norm, _layer_norm_args),
+    _row_op("rms_norm", F.rms_norm, _rms_norm_args),
+    _batch_norm_op(training=True),
+    _batch_norm_op(training=False),
+    _row_op("fused_add_layer_norm", _fused_add(F.layer_norm), _with_residual(_layer_norm_args)),
+    _row_op("fused_add_rms_norm", _fused_add(F.rms_norm), _with_residual(_rms_norm_args)),
 )
 
 
@@ -219,7 +205,8 @@ def run_checks() -> list:
                 check_op(op, device)
                 detail = "forward and backward match torch"
                 passed = True
-            except Exception as error:  # noqa: BLE001 -- every failure is reported, whatever raised it
+            # Every failure is reported, whatever raised it.
+            except Exception as error:  # noqa: BLE001
                 detail = f"{type(error).__name__}: {error}"
                 passed = False
             results.append({"op": op.label, "device": device, "passed": passed, "detail": detail})

@@ -44,6 +44,11 @@ struct Case {
   bool affine;
   bool transposed;  // a non-contiguous view of the input
 
+  // Against a float64 reference: float32 rounding, amplified a little by long rows.
+  double tolerance() const {
+    return dtype == at::kDouble ? 1e-10 : 1e-4;
+  }
+
   std::string describe() const {
     std::ostringstream out;
     out << c10::toString(dtype) << " input " << c10::IntArrayRef(input_shape) << " normalized "
@@ -81,10 +86,6 @@ struct Checker {
   }
 };
 
-double tolerance_for(at::ScalarType dtype) {
-  return dtype == at::kDouble ? 1e-10 : 1e-4;
-}
-
 // A random input of the case's shape and dtype; transposed cases get a
 // non-contiguous view whose values are just as random.
 Tensor make_input(const Case& c) {
@@ -105,26 +106,36 @@ std::vector<int64_t> normalized_dims(const Case& c) {
   return dims;
 }
 
+// A random weight or bias of the case's normalized shape, or none.
+OptionalTensor make_param(const Case& c) {
+  return c.affine ? OptionalTensor(at::randn(c.normalized_shape, at::TensorOptions().dtype(c.dtype)))
+                  : std::nullopt;
+}
+
+// A float64 copy for the reference computation, a leaf whose gradient autograd keeps.
+Tensor reference_leaf(const Tensor& t) {
+  return t.to(at::kDouble, /*non_blocking=*/false, /*copy=*/true).requires_grad_();
+}
+
+OptionalTensor reference_leaf(const OptionalTensor& t) {
+  return t ? OptionalTensor(reference_leaf(*t)) : std::nullopt;
+}
+
 void check_layer_norm(Checker& checker, const Case& c) {
   static const auto forward = find_op<LayerNormForward>("layernorm_ext::layer_norm_forward");
   static const auto backward = find_op<LayerNormBackward>("layernorm_ext::layer_norm_backward");
   const double eps = 1e-5;
-  const double tolerance = tolerance_for(c.dtype);
+  const double tolerance = c.tolerance();
   const auto name = "layer_norm, " + c.describe();
 
   const auto input = make_input(c);
-  const auto weight = c.affine ? OptionalTensor(at::randn(c.normalized_shape, input.options()))
-                               : std::nullopt;
-  const auto bias = c.affine ? OptionalTensor(at::randn(c.normalized_shape, input.options()))
-                             : std::nullopt;
+  const auto weight = make_param(c);
+  const auto bias = make_param(c);
   const auto [output, mean, rstd] = forward.call(input, c.normalized_shape, weight, bias, eps);
 
-  const auto input64 = input.to(at::kDouble).requires_grad_();
-  const auto to_double = [](const OptionalTensor& t) -> OptionalTensor {
-    return t ? OptionalTensor(t->to(at::kDouble).requires_grad_()) : std::nullopt;
-  };
-  const auto weight64 = to_double(weight);
-  const auto bias64 = to_double(bias);
+  const auto input64 = reference_leaf(input);
+  const auto weight64 = reference_leaf(weight);
+  const auto bias64 = reference_leaf(bias);
   const auto expected = at::layer_norm(input64, c.normalized_shape, weight64, bias64, eps);
   checker.expect_close(name + ": output", output, expected.detach(), tolerance);
 
@@ -150,18 +161,16 @@ void check_rms_norm(Checker& checker, const Case& c) {
   static const auto forward = find_op<RmsNormForward>("layernorm_ext::rms_norm_forward");
   static const auto backward = find_op<RmsNormBackward>("layernorm_ext::rms_norm_backward");
   const double eps = 1e-6;
-  const double tolerance = tolerance_for(c.dtype);
+  const double tolerance = c.tolerance();
   const auto name = "rms_norm, " + c.describe();
 
   const auto input = make_input(c);
-  const auto weight = c.affine ? OptionalTensor(at::randn(c.normalized_shape, input.options()))
-                               : std::nullopt;
+  const auto weight = make_param(c);
   const auto [output, rstd] = forward.call(input, c.normalized_shape, weight, eps);
 
   // y = x / sqrt(mean(x^2) + eps) * weight, from ATen ops in float64.
-  const auto input64 = input.to(at::kDouble).requires_grad_();
-  const auto weight64 =
-      weight ? OptionalTensor(weight->to(at::kDouble).requires_grad_()) : std::nullopt;
+  const auto input64 = reference_leaf(input);
+  const auto weight64 = reference_leaf(weight);
   const auto dims = normalized_dims(c);
   const auto expected_rstd = (input64.square().mean(dims, /*keepdim=*/true) + eps).rsqrt();
   auto expected = input64 * expected_rstd;

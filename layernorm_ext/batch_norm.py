@@ -193,3 +193,17 @@ def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_new_mean, _grad_ne
 torch.library.register_autograd(
     "layernorm_ext::batch_norm_forward", _backward, setup_context=_setup_context
 )
+
+
+def _double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "layernorm_ext: double backward through batch_norm is not supported (the gradient "
+        "of layernorm_ext::batch_norm_backward is not implemented)"
+    )
+
+
+# Differentiating the backward (double backward, e.g. a gradient penalty) would
+# otherwise warn and silently treat it as constant.
+torch.library.register_autograd(
+    "layernorm_ext::batch_norm_backward", _double_backward, setup_context=lambda ctx, inputs, output: None
+)

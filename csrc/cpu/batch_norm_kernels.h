@@ -201,22 +201,28 @@ void parallel_elementwise(const ChannelLayout& layout, const Row& row, const Pla
       });
 }
 
-// Per-channel moments of x (the training forward's statistics sweep).
+// Per-channel moments of x (the training forward's statistics sweep). A
+// block's sum is taken of x - shift, shift being the block's first value, so
+// that its rounding error scales with the channel's spread and not with its
+// mean (a float32 sum of 8192 values near 1e4 would lose the mean's last
+// digits).
 template <typename T>
 std::vector<Moments<acc_t<T>>> channel_moments(const T* x, const ChannelLayout& layout) {
   using acc = acc_t<T>;
   const int64_t channels = layout.channels;
   auto rows_sub_block = [&](int64_t row_begin, int64_t row_end, Moments<acc>* out) {
-    std::vector<acc> mean_buffer(channels, acc(0)), m2_buffer(channels, acc(0));
+    std::vector<acc> shift_buffer(channels), mean_buffer(channels, acc(0)), m2_buffer(channels, acc(0));
+    acc* shift = shift_buffer.data();
     acc* mean = mean_buffer.data();
     acc* m2 = m2_buffer.data();
+    for (int64_t c = 0; c < channels; ++c) shift[c] = static_cast<acc>(x[row_begin * channels + c]);
     for (int64_t r = row_begin; r < row_end; ++r) {
       const T* row = x + r * channels;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) mean[c] += static_cast<acc>(row[c]);
+      for (int64_t c = 0; c < channels; ++c) mean[c] += static_cast<acc>(row[c]) - shift[c];
     }
     const int64_t count = row_end - row_begin;
-    for (int64_t c = 0; c < channels; ++c) mean[c] /= static_cast<acc>(count);
+    for (int64_t c = 0; c < channels; ++c) mean[c] = shift[c] + mean[c] / static_cast<acc>(count);
     for (int64_t r = row_begin; r < row_end; ++r) {
       const T* row = x + r * channels;
 #pragma omp simd
@@ -228,15 +234,17 @@ std::vector<Moments<acc_t<T>>> channel_moments(const T* x, const ChannelLayout& 
     for (int64_t c = 0; c < channels; ++c) out[c] = Moments<acc>{mean[c], m2[c], count};
   };
   auto plane_block = [&](int64_t c, int64_t begin, int64_t end) {
-    acc sum = 0;
+    const int64_t first = (begin / layout.inner * channels + c) * layout.inner + begin % layout.inner;
+    const acc shift = static_cast<acc>(x[first]);
+    acc shifted_sum = 0;
     for_each_channel_run(layout, c, begin, end, [&](int64_t offset, int64_t length) {
       const T* run = x + offset;
       acc run_sum = 0;
 #pragma omp simd reduction(+ : run_sum)
-      for (int64_t j = 0; j < length; ++j) run_sum += static_cast<acc>(run[j]);
-      sum += run_sum;
+      for (int64_t j = 0; j < length; ++j) run_sum += static_cast<acc>(run[j]) - shift;
+      shifted_sum += run_sum;
     });
-    const acc mean = sum / static_cast<acc>(end - begin);
+    const acc mean = shift + shifted_sum / static_cast<acc>(end - begin);
     acc m2 = 0;
     for_each_channel_run(layout, c, begin, end, [&](int64_t offset, int64_t length) {
       const T* run = x + offset;

@@ -68,9 +68,12 @@ def sample_inputs():
         (1, 3, 13),  # batch of one, spatial > 1
         (2, 13, 17, 3),  # primes
         (37, 1),  # 2-D, one channel
+        (300, 130),  # 2-D, several row blocks
     ]
     samples = [Sample(s) for s in shapes]
-    samples += [Sample(s, "channels_last") for s in [(4, 6, 5, 7), (3, 4, 3, 5, 2), (2, 13, 17, 3)]]
+    samples += [
+        Sample(s, "channels_last") for s in [(4, 6, 5, 7), (3, 4, 3, 5, 2), (2, 13, 17, 3), (2, 67, 3, 5)]
+    ]
     samples += [Sample(s, "strided") for s in [(7, 3, 11), (4, 6, 5, 7)]]
     samples += [Sample((4, 6, 5, 7), dtype=torch.float64), Sample((6, 5), dtype=torch.float64)]
     for dtype in (torch.float16, torch.bfloat16):

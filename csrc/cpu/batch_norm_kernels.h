@@ -149,48 +149,84 @@ ChannelPair<acc> reduce_planes(const ChannelLayout& layout, const BlockStats& bl
   return totals;
 }
 
-// Per-channel reduction in the row layout: the rows are cut into a
-// shape-determined number of blocks, a task owns whole blocks, and sweeps a
-// block in sub-blocks of about kStatBlock elements:
-// sub_block_stats(row_begin, row_end, first, second) writes the sub-block's
-// pair of statistics for every channel, which is merged into the block's.
+// Row layout: rows narrower than kMinRowWidth are swept `fold` rows at a
+// time, as one wide row of fold * channels values, value j belonging to
+// channel j % channels, so that the SIMD loops have lanes to fill (a
+// channels-last image with C = 3 would otherwise run 3-iteration loops).
+constexpr int64_t kMinRowWidth = 64;
+
+inline int64_t row_fold(int64_t channels) {
+  return channels >= kMinRowWidth ? 1 : (kMinRowWidth + channels - 1) / channels;
+}
+
+// A per-channel array repeated to the width of a folded row.
+template <typename acc>
+std::vector<acc> widen(const acc* per_channel, int64_t channels) {
+  std::vector<acc> wide(row_fold(channels) * channels);
+  for (size_t j = 0; j < wide.size(); ++j) wide[j] = per_channel[j % channels];
+  return wide;
+}
+
+// Per-channel reduction in the row layout, on folded rows of `width` values:
+// the rows are cut into a shape-determined number of blocks, a task owns
+// whole blocks and sweeps a block in sub-blocks of about kStatBlock elements.
+// sub_block_stats(offset, rows, width, first, second) writes the pair of
+// statistics of `rows` rows of `width` values from element `offset`, per
+// value position, which is merged into the block's. The positions of a
+// folded row are then merged into their channels, and the rows left over by
+// the folding (fewer than `fold`) come last.
 template <typename Merge, typename acc, typename SubBlockStats>
 ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& sub_block_stats) {
-  const int64_t rows = layout.outer;
   const int64_t channels = layout.channels;
-  const int64_t sub_rows = std::max<int64_t>(1, kStatBlock / channels);
+  const int64_t fold = row_fold(channels);
+  const int64_t width = fold * channels;
+  const int64_t rows = layout.outer / fold;
+  const int64_t sub_rows = std::max<int64_t>(1, kStatBlock / width);
   const int64_t blocks = std::min<int64_t>(
       {(rows + sub_rows - 1) / sub_rows, kMaxRowBlocks,
-       std::max<int64_t>(1, kMaxPartialBytes / (2 * channels * static_cast<int64_t>(sizeof(acc))))});
-  // Block b's statistics: first at [2 * b * channels, (2 * b + 1) * channels), then second.
-  std::vector<acc> partials(2 * blocks * channels, acc(0));
+       std::max<int64_t>(1, kMaxPartialBytes / (2 * width * static_cast<int64_t>(sizeof(acc))))});
+  // Block b's statistics: first at [2 * b * width, (2 * b + 1) * width), then second.
+  std::vector<acc> partials(2 * blocks * width, acc(0));
   auto block_rows = [&](int64_t block) {
     return std::make_pair(rows * block / blocks, rows * (block + 1) / blocks);
   };
-  const int64_t block_elements = blocks > 0 ? rows / blocks * channels : 1;
+  const int64_t block_elements = blocks > 0 ? rows / blocks * width : 1;
   at::parallel_for(
       0, blocks, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(block_elements, 1)),
       [&](int64_t block_begin, int64_t block_end) {
-        std::vector<acc> scratch(2 * channels);
+        std::vector<acc> scratch(2 * width);
         for (int64_t block = block_begin; block < block_end; ++block) {
-          acc* first = partials.data() + 2 * block * channels;
+          acc* first = partials.data() + 2 * block * width;
           const auto [row_begin, row_end] = block_rows(block);
           for (int64_t row = row_begin; row < row_end; row += sub_rows) {
-            const int64_t sub_end = std::min(row_end, row + sub_rows);
-            sub_block_stats(row, sub_end, scratch.data(), scratch.data() + channels);
+            const int64_t count = std::min(row_end - row, sub_rows);
+            sub_block_stats(row * width, count, width, scratch.data(), scratch.data() + width);
             Merge::merge(
-                first, first + channels, row - row_begin, scratch.data(),
-                scratch.data() + channels, sub_end - row, channels);
+                first, first + width, row - row_begin, scratch.data(), scratch.data() + width,
+                count, width);
           }
         }
       });
-  ChannelPair<acc> totals{std::vector<acc>(channels, acc(0)), std::vector<acc>(channels, acc(0))};
+  std::vector<acc> wide(2 * width, acc(0));
   for (int64_t block = 0; block < blocks; ++block) {
-    const acc* first = partials.data() + 2 * block * channels;
+    const acc* first = partials.data() + 2 * block * width;
     const auto [row_begin, row_end] = block_rows(block);
     Merge::merge(
-        totals.first.data(), totals.second.data(), row_begin, first, first + channels,
-        row_end - row_begin, channels);
+        wide.data(), wide.data() + width, row_begin, first, first + width, row_end - row_begin,
+        width);
+  }
+  ChannelPair<acc> totals{std::vector<acc>(channels, acc(0)), std::vector<acc>(channels, acc(0))};
+  for (int64_t k = 0; k < fold; ++k) {
+    Merge::merge(
+        totals.first.data(), totals.second.data(), k * rows, wide.data() + k * channels,
+        wide.data() + width + k * channels, rows, channels);
+  }
+  const int64_t leftover = layout.outer - rows * fold;
+  if (leftover > 0) {
+    sub_block_stats(rows * width, leftover, channels, wide.data(), wide.data() + channels);
+    Merge::merge(
+        totals.first.data(), totals.second.data(), rows * fold, wide.data(),
+        wide.data() + channels, leftover, channels);
   }
   return totals;
 }
@@ -203,18 +239,23 @@ ChannelPair<acc> reduce_channels(
 }
 
 // Runs an elementwise pass over the whole tensor in parallel, threads owning
-// contiguous element ranges. Row layout: row(offset) per row of `channels`
-// elements, channel = index in the row. Plane layout: plane_run(offset,
-// length, c) per stretch of one plane.
+// contiguous element ranges. Row layout: row(offset, width) per folded row of
+// `width` elements (see row_fold), value j of channel j % channels. Plane
+// layout: plane_run(offset, length, c) per stretch of one plane.
 template <typename Row, typename PlaneRun>
 void parallel_elementwise(const ChannelLayout& layout, const Row& row, const PlaneRun& plane_run) {
   const int64_t channels = layout.channels;
   if (layout.inner == 1) {
+    const int64_t width = row_fold(channels) * channels;
+    const int64_t rows = layout.outer / row_fold(channels);
     at::parallel_for(
-        0, layout.outer, std::max<int64_t>(1, kParallelGrain / channels),
+        0, rows, std::max<int64_t>(1, kParallelGrain / width),
         [&](int64_t row_begin, int64_t row_end) {
-          for (int64_t r = row_begin; r < row_end; ++r) row(r * channels);
+          for (int64_t r = row_begin; r < row_end; ++r) row(r * width, width);
         });
+    for (int64_t offset = rows * width; offset < layout.outer * channels; offset += channels) {
+      row(offset, channels);
+    }
     return;
   }
   const int64_t inner = layout.inner;
@@ -241,26 +282,27 @@ template <typename T>
 ChannelPair<acc_t<T>> channel_moments(const T* x, const ChannelLayout& layout) {
   using acc = acc_t<T>;
   const int64_t channels = layout.channels;
-  auto rows_sub_block = [&](int64_t row_begin, int64_t row_end, acc* mean, acc* m2) {
-    const T* shift = x + row_begin * channels;
-    std::fill(mean, mean + channels, acc(0));
-    std::fill(m2, m2 + channels, acc(0));
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      const T* row = x + r * channels;
+  auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* mean, acc* m2) {
+    const T* shift = x + offset;
+    std::fill(mean, mean + width, acc(0));
+    std::fill(m2, m2 + width, acc(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = x + offset + r * width;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        mean[c] += static_cast<acc>(row[c]) - static_cast<acc>(shift[c]);
+      for (int64_t j = 0; j < width; ++j) {
+        mean[j] += static_cast<acc>(row[j]) - static_cast<acc>(shift[j]);
       }
     }
-    const acc count = static_cast<acc>(row_end - row_begin);
 #pragma omp simd
-    for (int64_t c = 0; c < channels; ++c) mean[c] = static_cast<acc>(shift[c]) + mean[c] / count;
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      const T* row = x + r * channels;
+    for (int64_t j = 0; j < width; ++j) {
+      mean[j] = static_cast<acc>(shift[j]) + mean[j] / static_cast<acc>(rows);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* row = x + offset + r * width;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const acc d = static_cast<acc>(row[c]) - mean[c];
-        m2[c] += d * d;
+      for (int64_t j = 0; j < width; ++j) {
+        const acc d = static_cast<acc>(row[j]) - mean[j];
+        m2[j] += d * d;
       }
     }
   };
@@ -298,17 +340,19 @@ ChannelPair<acc_t<T>> channel_grad_sums(
     const T* grad_output, const T* x, const acc_t<T>* mean, const ChannelLayout& layout) {
   using acc = acc_t<T>;
   const int64_t channels = layout.channels;
-  auto rows_sub_block = [&](int64_t row_begin, int64_t row_end, acc* sum_dy, acc* sum_dy_xmu) {
-    std::fill(sum_dy, sum_dy + channels, acc(0));
-    std::fill(sum_dy_xmu, sum_dy_xmu + channels, acc(0));
-    for (int64_t r = row_begin; r < row_end; ++r) {
-      const T* dy = grad_output + r * channels;
-      const T* row = x + r * channels;
+  const std::vector<acc> wide_mean = widen(mean, channels);
+  auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* sum_dy, acc* sum_dy_xmu) {
+    const acc* mu = wide_mean.data();
+    std::fill(sum_dy, sum_dy + width, acc(0));
+    std::fill(sum_dy_xmu, sum_dy_xmu + width, acc(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* dy = grad_output + offset + r * width;
+      const T* row = x + offset + r * width;
 #pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) {
-        const acc g = static_cast<acc>(dy[c]);
-        sum_dy[c] += g;
-        sum_dy_xmu[c] += g * (static_cast<acc>(row[c]) - mean[c]);
+      for (int64_t j = 0; j < width; ++j) {
+        const acc g = static_cast<acc>(dy[j]);
+        sum_dy[j] += g;
+        sum_dy_xmu[j] += g * (static_cast<acc>(row[j]) - mu[j]);
       }
     }
   };
@@ -384,23 +428,28 @@ void batch_norm_forward(
 
   // y = (x - mean) * scale + shift; subtracting the mean first keeps a
   // channel with a large mean exact, where x * scale + (shift - mean * scale)
-  // would round x * scale at the mean's magnitude.
-  std::vector<acc> scale_buffer(channels), shift_buffer(channels);
-  acc* scale = scale_buffer.data();
-  acc* shift = shift_buffer.data();
+  // would round x * scale at the mean's magnitude. The coefficients are
+  // widened to the folded row width (their first `channels` entries are the
+  // per-channel values the plane layout reads).
+  std::vector<acc> scale_per_channel(channels), shift_per_channel(channels);
   for (int64_t c = 0; c < channels; ++c) {
-    scale[c] = save_rstd[c] * (weight ? static_cast<acc>(weight[c]) : acc(1));
-    shift[c] = bias ? static_cast<acc>(bias[c]) : acc(0);
+    scale_per_channel[c] = save_rstd[c] * (weight ? static_cast<acc>(weight[c]) : acc(1));
+    shift_per_channel[c] = bias ? static_cast<acc>(bias[c]) : acc(0);
   }
-  const acc* mean = save_mean;
+  const auto mean_buffer = widen(save_mean, channels);
+  const auto scale_buffer = widen(scale_per_channel.data(), channels);
+  const auto shift_buffer = widen(shift_per_channel.data(), channels);
+  const acc* mean = mean_buffer.data();
+  const acc* scale = scale_buffer.data();
+  const acc* shift = shift_buffer.data();
   parallel_elementwise(
       layout,
-      [&](int64_t offset) {
+      [&](int64_t offset, int64_t width) {
         const T* x = input + offset;
         T* y = output + offset;
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) {
-          y[c] = static_cast<T>((static_cast<acc>(x[c]) - mean[c]) * scale[c] + shift[c]);
+        for (int64_t j = 0; j < width; ++j) {
+          y[j] = static_cast<T>((static_cast<acc>(x[j]) - mean[j]) * scale[j] + shift[j]);
         }
       },
       [&](int64_t offset, int64_t length, int64_t c) {
@@ -445,51 +494,60 @@ void batch_norm_backward(
   if (!grad_input) return;
 
   // dx = dy * dy_scale + (x - mean) * xmu_scale + shift (training), or
-  // dy * dy_scale (eval).
-  std::vector<acc> dy_scale_buffer(channels), xmu_scale_buffer(channels), shift_buffer(channels);
-  acc* dy_scale = dy_scale_buffer.data();
-  acc* xmu_scale = xmu_scale_buffer.data();
-  acc* shift = shift_buffer.data();
+  // dy * dy_scale (eval); coefficients widened as in the forward.
+  std::vector<acc> dy_scale_per_channel(channels), xmu_scale_per_channel(channels),
+      shift_per_channel(channels);
   const acc inv_count = count > 0 ? acc(1) / static_cast<acc>(count) : acc(0);
   for (int64_t c = 0; c < channels; ++c) {
-    dy_scale[c] = rstd[c] * (weight ? static_cast<acc>(weight[c]) : acc(1));
-    xmu_scale[c] = -dy_scale[c] * rstd[c] * rstd[c] * sum_dy_xmu[c] * inv_count;
-    shift[c] = -dy_scale[c] * sum_dy[c] * inv_count;
+    const acc k = rstd[c] * (weight ? static_cast<acc>(weight[c]) : acc(1));
+    dy_scale_per_channel[c] = k;
+    xmu_scale_per_channel[c] = -k * rstd[c] * rstd[c] * sum_dy_xmu[c] * inv_count;
+    shift_per_channel[c] = -k * sum_dy[c] * inv_count;
   }
+  const auto mean_buffer = widen(mean, channels);
+  const auto dy_scale_buffer = widen(dy_scale_per_channel.data(), channels);
+  const auto xmu_scale_buffer = widen(xmu_scale_per_channel.data(), channels);
+  const auto shift_buffer = widen(shift_per_channel.data(), channels);
+  const acc* mu = mean_buffer.data();
+  const acc* dy_scale = dy_scale_buffer.data();
+  const acc* xmu_scale = xmu_scale_buffer.data();
+  const acc* shift = shift_buffer.data();
   if (training) {
     parallel_elementwise(
         layout,
-        [&](int64_t offset) {
+        [&](int64_t offset, int64_t width) {
           const T* dy = grad_output + offset;
           const T* x = input + offset;
           T* dx = grad_input + offset;
 #pragma omp simd
-          for (int64_t c = 0; c < channels; ++c) {
-            dx[c] = static_cast<T>(
-                static_cast<acc>(dy[c]) * dy_scale[c] +
-                (static_cast<acc>(x[c]) - mean[c]) * xmu_scale[c] + shift[c]);
+          for (int64_t j = 0; j < width; ++j) {
+            dx[j] = static_cast<T>(
+                static_cast<acc>(dy[j]) * dy_scale[j] +
+                (static_cast<acc>(x[j]) - mu[j]) * xmu_scale[j] + shift[j]);
           }
         },
         [&](int64_t offset, int64_t length, int64_t c) {
           const T* dy = grad_output + offset;
           const T* x = input + offset;
           T* dx = grad_input + offset;
-          const acc mu = mean[c], k_dy = dy_scale[c], k_xmu = xmu_scale[c], b = shift[c];
+          const acc m = mu[c], k_dy = dy_scale[c], k_xmu = xmu_scale[c], b = shift[c];
 #pragma omp simd
           for (int64_t j = 0; j < length; ++j) {
             dx[j] = static_cast<T>(
-                static_cast<acc>(dy[j]) * k_dy + (static_cast<acc>(x[j]) - mu) * k_xmu + b);
+                static_cast<acc>(dy[j]) * k_dy + (static_cast<acc>(x[j]) - m) * k_xmu + b);
           }
         });
     return;
   }
   parallel_elementwise(
       layout,
-      [&](int64_t offset) {
+      [&](int64_t offset, int64_t width) {
         const T* dy = grad_output + offset;
         T* dx = grad_input + offset;
 #pragma omp simd
-        for (int64_t c = 0; c < channels; ++c) dx[c] = static_cast<T>(static_cast<acc>(dy[c]) * dy_scale[c]);
+        for (int64_t j = 0; j < width; ++j) {
+          dx[j] = static_cast<T>(static_cast<acc>(dy[j]) * dy_scale[j]);
+        }
       },
       [&](int64_t offset, int64_t length, int64_t c) {
         const T* dy = grad_output + offset;

@@ -36,10 +36,10 @@ ChannelShape channel_shape(const at::Tensor& input) {
   return {input.size(0), input.size(1), inner};
 }
 
-// Per-channel tensors, checked in torch's order: C elements (torch checks the count, not the shape),
-// on the input's device, of the input's dtype or float32 for a
-// float16/bfloat16 input, and all of one dtype (what torch's CPU kernel
-// accepts).
+// Per-channel tensors, checked in torch's order: C elements (torch checks
+// the count, not the shape), on the input's device, of the input's dtype or
+// float32 for a float16/bfloat16 input, and all of one dtype (what torch's
+// CPU kernel accepts).
 void check_params(
     const at::Tensor& input, int64_t channels, std::initializer_list<NamedParam> params) {
   const NamedParam* first = nullptr;

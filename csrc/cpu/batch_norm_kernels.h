@@ -8,8 +8,10 @@
 // one channel, and the loops run along planes with the channel's
 // coefficients in registers. A channels-last input (and a 2-D one) is
 // (N*H*W, C, 1): rows of C contiguous channels, and the loops run along rows
-// with one SIMD lane per channel. Either way memory is read in address
-// order, and a channel's data is never gathered with a stride.
+// with one SIMD lane per channel (rows of fewer than 64 channels are taken
+// several at a time, see row_fold). Either way memory is read in address
+// order, and a channel's data is never gathered with a stride. (A contiguous
+// input with C = 1 is one plane, which splits evenly across threads.)
 //
 // Determinism: a channel's statistics are merged from per-block partials.
 // The blocks are cut from the shape alone, each block is reduced in a fixed
@@ -25,8 +27,10 @@
 // second one from L1/L2, so the variance is the exact two-pass one (a channel
 // with mean 1e4 and unit variance keeps full precision, unlike
 // E[x^2] - E[x]^2) for the memory cost of one pass; blocks are merged with
-// Chan et al.'s pairwise formula. The backward reads x and dy once for the
-// per-channel sums and once more for dx (the eval backward's dx reads dy only).
+// Chan et al.'s pairwise formula. Sums are taken of x minus a value of the
+// block, so a large mean does not cost the mean its precision either. The
+// backward reads x and dy once for the per-channel sums and once more for dx
+// (the eval backward's dx reads dy only).
 #pragma once
 
 #include "dispatch.h"
@@ -133,7 +137,8 @@ ChannelPair<acc> reduce_planes(const ChannelLayout& layout, const BlockStats& bl
       [&](int64_t task_begin, int64_t task_end) {
         for (int64_t task = task_begin; task < task_end; ++task) {
           const int64_t begin = (task % blocks) * kStatBlock;
-          partials[task] = block_stats(task / blocks, begin, std::min(positions, begin + kStatBlock));
+          const int64_t end = std::min(positions, begin + kStatBlock);
+          partials[task] = block_stats(task / blocks, begin, end);
         }
       });
   ChannelPair<acc> totals{std::vector<acc>(channels, acc(0)), std::vector<acc>(channels, acc(0))};
@@ -233,7 +238,9 @@ ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& s
 
 template <typename Merge, typename acc, typename SubBlockStats, typename BlockStats>
 ChannelPair<acc> reduce_channels(
-    const ChannelLayout& layout, const SubBlockStats& rows_sub_block, const BlockStats& plane_block) {
+    const ChannelLayout& layout,
+    const SubBlockStats& rows_sub_block,
+    const BlockStats& plane_block) {
   return layout.inner == 1 ? reduce_rows<Merge, acc>(layout, rows_sub_block)
                            : reduce_planes<Merge, acc>(layout, plane_block);
 }
@@ -307,7 +314,8 @@ ChannelPair<acc_t<T>> channel_moments(const T* x, const ChannelLayout& layout) {
     }
   };
   auto plane_block = [&](int64_t c, int64_t begin, int64_t end) {
-    const int64_t first = (begin / layout.inner * channels + c) * layout.inner + begin % layout.inner;
+    const int64_t first =
+        (begin / layout.inner * channels + c) * layout.inner + begin % layout.inner;
     const acc shift = static_cast<acc>(x[first]);
     acc shifted_sum = 0;
     for_each_channel_run(layout, c, begin, end, [&](int64_t offset, int64_t length) {
@@ -341,7 +349,8 @@ ChannelPair<acc_t<T>> channel_grad_sums(
   using acc = acc_t<T>;
   const int64_t channels = layout.channels;
   const std::vector<acc> wide_mean = widen(mean, channels);
-  auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* sum_dy, acc* sum_dy_xmu) {
+  auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* sum_dy,
+                            acc* sum_dy_xmu) {
     const acc* mu = wide_mean.data();
     std::fill(sum_dy, sum_dy + width, acc(0));
     std::fill(sum_dy_xmu, sum_dy_xmu + width, acc(0));

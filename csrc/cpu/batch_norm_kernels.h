@@ -128,8 +128,8 @@ inline void for_each_channel_run(
   }
 }
 
-// Plane layout: the statistics of channel c from its blocks of kStatBlock
-// positions, block_stats(block) giving one block's pair, merged in block
+// Plane layout: a channel's statistics from its blocks of kStatBlock
+// positions, block_stats(begin, end) giving one block's pair, merged in block
 // order. Every plane-layout reduction ends here, whichever task computed the
 // blocks, so the bits depend on the shape alone.
 template <typename Merge, typename acc, typename BlockStats>
@@ -322,41 +322,6 @@ void for_each_plane_of_channel(const ChannelLayout& layout, int64_t c, const Pla
   }
 }
 
-// The reduction sweep and the elementwise sweep of a training forward or a
-// backward. Computes the per-channel statistics pair, hands each channel's
-// to finish_channel(c, first, second) (which fills the per-channel
-// coefficients), then, if `elementwise`, runs the elementwise pass:
-// row(offset, width) / plane_run(offset, length, c) as in
-// parallel_elementwise, with widen_coefficients() called first when the row
-// bodies are about to run.
-// With at least one channel per thread, a plane-layout tensor is done a
-// channel at a time (reduce_and_apply_per_channel); the statistics, and so
-// the output bits, are the same either way.
-template <typename Merge, typename acc, typename SubBlockStats, typename BlockStats,
-          typename Finish, typename Widen, typename Row, typename PlaneRun>
-void reduce_then_apply(
-    const ChannelLayout& layout,
-    const SubBlockStats& rows_sub_block,
-    const BlockStats& plane_block,
-    const Finish& finish_channel,
-    const Widen& widen_coefficients,
-    bool elementwise,
-    const Row& row,
-    const PlaneRun& plane_run) {
-  if (layout.inner > 1 && layout.channels >= at::get_num_threads()) {
-    reduce_and_apply_per_channel<Merge, acc>(layout, plane_block, finish_channel, [&](int64_t c) {
-      if (elementwise) for_each_plane_of_channel(layout, c, plane_run);
-    });
-    return;
-  }
-  const auto stats = layout.inner == 1 ? reduce_rows<Merge, acc>(layout, rows_sub_block)
-                                       : reduce_planes<Merge, acc>(layout, plane_block);
-  for (int64_t c = 0; c < layout.channels; ++c) finish_channel(c, stats.first[c], stats.second[c]);
-  if (!elementwise) return;
-  if (layout.inner == 1) widen_coefficients();
-  parallel_elementwise(layout, row, plane_run);
-}
-
 // Statistics of the training forward: per-channel mean and m2 (sum of squared
 // deviations from the mean). A block's sum is taken of x - shift, shift being
 // a value of the block (its first row), so that its rounding error scales
@@ -467,10 +432,20 @@ struct GradSumsSweep {
   }
 };
 
-// Runs a sweep's reduction and then the elementwise pass (see reduce_then_apply).
+// The reduction sweep and the elementwise sweep of a training forward or a
+// backward. Computes the per-channel statistics pair of `sweep` (a
+// MomentsSweep or GradSumsSweep), hands each channel's to
+// finish_channel(c, first, second) (which fills the per-channel
+// coefficients), then, if `elementwise`, runs the elementwise pass:
+// row(offset, width) / plane_run(offset, length, c) as in
+// parallel_elementwise, with widen_coefficients() called first when the row
+// bodies are about to run. With at least one channel per thread, a
+// plane-layout tensor is done a channel at a time
+// (reduce_and_apply_per_channel); the statistics, and so the output bits, are
+// the same either way.
 template <typename Merge, typename Sweep, typename Finish, typename Widen, typename Row,
           typename PlaneRun>
-void run_sweep(
+void reduce_then_apply(
     const Sweep& sweep,
     const Finish& finish_channel,
     const Widen& widen_coefficients,
@@ -478,13 +453,25 @@ void run_sweep(
     const Row& row,
     const PlaneRun& plane_run) {
   using acc = typename Sweep::acc;
-  reduce_then_apply<Merge, acc>(
-      sweep.layout,
-      [&](int64_t offset, int64_t rows, int64_t width, acc* first, acc* second) {
-        sweep.rows_sub_block(offset, rows, width, first, second);
-      },
-      [&](int64_t c, int64_t begin, int64_t end) { return sweep.plane_block(c, begin, end); },
-      finish_channel, widen_coefficients, elementwise, row, plane_run);
+  const ChannelLayout& layout = sweep.layout;
+  auto plane_block = [&](int64_t c, int64_t begin, int64_t end) {
+    return sweep.plane_block(c, begin, end);
+  };
+  if (layout.inner > 1 && layout.channels >= at::get_num_threads()) {
+    reduce_and_apply_per_channel<Merge, acc>(layout, plane_block, finish_channel, [&](int64_t c) {
+      if (elementwise) for_each_plane_of_channel(layout, c, plane_run);
+    });
+    return;
+  }
+  auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* first, acc* second) {
+    sweep.rows_sub_block(offset, rows, width, first, second);
+  };
+  const auto stats = layout.inner == 1 ? reduce_rows<Merge, acc>(layout, rows_sub_block)
+                                       : reduce_planes<Merge, acc>(layout, plane_block);
+  for (int64_t c = 0; c < layout.channels; ++c) finish_channel(c, stats.first[c], stats.second[c]);
+  if (!elementwise) return;
+  if (layout.inner == 1) widen_coefficients();
+  parallel_elementwise(layout, row, plane_run);
 }
 
 // Forward. Training: normalizes with the batch statistics, writes them to
@@ -574,7 +561,7 @@ void batch_norm_forward(
     new_running_var[c] =
         static_cast<W>(count > 0 ? (acc(1) - m) * old_var + m * unbiased_var : old_var);
   };
-  run_sweep<MomentsMerge>(
+  reduce_then_apply<MomentsMerge>(
       MomentsSweep<T>{input, layout}, finish_channel, widen_coefficients, true, row, plane_run);
 }
 
@@ -656,7 +643,7 @@ void batch_norm_backward(
   };
 
   if (grad_weight || grad_bias || (grad_input && training)) {
-    run_sweep<SumsMerge>(
+    reduce_then_apply<SumsMerge>(
         GradSumsSweep<T>{grad_output, input, wide_mean.data(), layout}, finish_channel,
         widen_coefficients, grad_input != nullptr, row, plane_run);
     return;

@@ -502,18 +502,17 @@ void batch_norm_forward(
   // y = (x - mean) * scale + shift; subtracting the mean first keeps a
   // channel with a large mean exact, where x * scale + (shift - mean * scale)
   // would round x * scale at the mean's magnitude. Per-channel coefficients
-  // (mean, scale, shift), widened to a folded row for the row layout.
-  std::vector<acc> mean(channels), scale(channels), shift(channels);
+  // (save_mean, scale, shift), widened to a folded row for the row layout.
+  std::vector<acc> scale(channels), shift(channels);
   std::vector<acc> wide_mean, wide_scale, wide_shift;
   auto set_coefficients = [&](int64_t c, acc mu, acc rstd) {
     save_mean[c] = mu;
     save_rstd[c] = rstd;
-    mean[c] = mu;
     scale[c] = rstd * (weight ? static_cast<acc>(weight[c]) : acc(1));
     shift[c] = bias ? static_cast<acc>(bias[c]) : acc(0);
   };
   auto widen_coefficients = [&] {
-    wide_mean = widen(mean.data(), channels);
+    wide_mean = widen(save_mean, channels);
     wide_scale = widen(scale.data(), channels);
     wide_shift = widen(shift.data(), channels);
   };
@@ -531,7 +530,7 @@ void batch_norm_forward(
   auto plane_run = [&](int64_t offset, int64_t length, int64_t c) {
     const T* x = input + offset;
     T* y = output + offset;
-    const acc mu = mean[c], k = scale[c], b = shift[c];
+    const acc mu = save_mean[c], k = scale[c], b = shift[c];
 #pragma omp simd
     for (int64_t j = 0; j < length; ++j) {
       y[j] = static_cast<T>((static_cast<acc>(x[j]) - mu) * k + b);

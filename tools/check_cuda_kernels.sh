@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# Compiles every CUDA source of the extension without a GPU, so that CI
+# catches kernel build breaks on machines that have nvcc but no device:
+#  - csrc/cuda/*.cu with nvcc for sm_80 and sm_90, every nvcc warning an
+#    error and the host compiler at -Wall -Werror, on the defines torch's
+#    extension builder passes (no implicit half/bfloat16 conversions);
+#  - csrc/cuda/*_cuda.cpp (the torch glue) with the host compiler against
+#    torch's headers and the CUDA toolkit's, when the installed torch ships its
+#    CUDA headers (the CPU wheels do); skipped with a message otherwise.
+# Objects go to a temporary folder that is removed on exit. Sources compile
+# in parallel (JOBS, default: the number of cores).
+# Usage: tools/check_cuda_kernels.sh   (NVCC=/path/to/nvcc to pick a compiler)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+NVCC="${NVCC:-$(command -v nvcc || true)}"
+if [[ -z "$NVCC" ]]; then
+  echo "check_cuda_kernels: nvcc not found (set NVCC or put it on PATH)" >&2
+  exit 2
+fi
+JOBS="${JOBS:-$(nproc)}"
+OUT="$(mktemp -d)"
+trap 'rm -rf "$OUT"' EXIT
+
+CUDA_INCLUDE="$(cd "$(dirname "$NVCC")/.." && pwd)/include"
+export NVCC OUT CUDA_INCLUDE ROOT
+
+compile_cu() {
+  local src="$1"
+  "$NVCC" -c "$src" -o "$OUT/$(basename "$src").o" \
+    -std=c++17 -O3 -lineinfo \
+    -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
+    -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ \
+    -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ \
+    --expt-relaxed-constexpr \
+    -Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror,-fPIC \
+    && echo "ok   $src" || { echo "FAIL $src" >&2; return 1; }
+}
+export -f compile_cu
+
+mapfile -t CU < <(ls "$ROOT"/csrc/cuda/*.cu)
+echo "check_cuda_kernels: $("$NVCC" --version | tail -1) (${#CU[@]} .cu files, $JOBS jobs)"
+printf '%s\n' "${CU[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_cu "$1"' _ {}
+
+# The glue needs torch's CUDA headers (c10/cuda, ATen/cuda) and Python's.
+TORCH_INCLUDES="$(python - <<'PY' 2>/dev/null || true
+import os, sysconfig
+from torch.utils.cpp_extension import include_paths
+paths = include_paths() + [sysconfig.get_paths()["include"]]
+if os.path.isfile(os.path.join(include_paths()[0], "c10", "cuda", "CUDAGuard.h")):
+    print(" ".join("-I" + p for p in paths))
+PY
+)"
+if [[ -z "$TORCH_INCLUDES" ]]; then
+  echo "check_cuda_kernels: torch's CUDA headers not found; host glue (csrc/cuda/*_cuda.cpp) not compiled"
+  exit 0
+fi
+for src in "$ROOT"/csrc/cuda/*_cuda.cpp; do
+  [[ -e "$src" ]] || continue
+  ${CXX:-c++} -c "$src" -o "$OUT/$(basename "$src").o" -std=c++17 -O1 -fPIC -Wall -Wextra -Werror \
+    -DLAYERNORM_EXT_WITH_CUDA -DTORCH_EXTENSION_NAME=layernorm_ext_check -DTORCH_API_INCLUDE_EXTENSION_H \
+    $TORCH_INCLUDES -I"$CUDA_INCLUDE" \
+    && echo "ok   $src" || { echo "FAIL $src" >&2; exit 1; }
+done
+echo "check_cuda_kernels: all sources compiled"

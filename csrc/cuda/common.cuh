@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA kernels: accumulation types, explicit
+// Device helpers shared by the CUDA kernels: explicit
 // dtype conversions, 16-byte vector packs, deterministic warp/block sums and
 // Welford statistics with Chan's merge.
 //
@@ -8,26 +8,14 @@
 // explicit to_acc/from_acc below.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "acc_type.h"
+
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <type_traits>
 
 namespace layernorm_ext::cuda {
-
-// Sums and statistics are kept in double for double input, else in float.
-template <typename T>
-struct AccType {
-  using type = float;
-};
-template <>
-struct AccType<double> {
-  using type = double;
-};
-template <typename T>
-using acc_t = typename AccType<T>::type;
 
 __device__ __forceinline__ float to_acc(float v) { return v; }
 __device__ __forceinline__ double to_acc(double v) { return v; }

@@ -11,7 +11,7 @@
 // `stream` of the current device and returns the launch's error code.
 #pragma once
 
-#include "common.cuh"
+#include "acc_type.h"
 
 namespace layernorm_ext::cuda {
 

@@ -133,24 +133,32 @@ __device__ __forceinline__ Welford<acc> shfl_down(const Welford<acc>& s, int off
           __shfl_down_sync(kFullMask, s.m2, offset)};
 }
 
-// Merges the Welford statistics of every thread of the block and returns the
-// result to every thread: a shuffle tree in each warp, then the warp results
-// in warp order, so the bits depend on the block size only. `scratch` holds
-// 32 states in shared memory; ends with a barrier.
-template <typename acc>
-__device__ __forceinline__ Welford<acc> block_welford(Welford<acc> s, Welford<acc>* scratch) {
+// Merges a per-thread state (Welford, or any state with a shfl_down overload)
+// over the whole block and returns the result to every thread: a shuffle tree
+// in each warp, then the warp results in warp order, so the bits depend on the
+// block size only. `scratch` holds 32 states in shared memory; ends with a
+// barrier.
+template <typename State, typename Merge>
+__device__ __forceinline__ State block_merge(State s, State* scratch, Merge merge) {
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int warps = (blockDim.x + kWarpSize - 1) / kWarpSize;
   for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
-    s = welford_merge(s, shfl_down(s, offset));
+    s = merge(s, shfl_down(s, offset));
   }
   if (lane == 0) scratch[warp] = s;
   __syncthreads();
-  Welford<acc> total = scratch[0];
-  for (int w = 1; w < warps; ++w) total = welford_merge(total, scratch[w]);
+  State total = scratch[0];
+  for (int w = 1; w < warps; ++w) total = merge(total, scratch[w]);
   __syncthreads();
   return total;
+}
+
+template <typename acc>
+__device__ __forceinline__ Welford<acc> block_welford(const Welford<acc>& s, Welford<acc>* scratch) {
+  return block_merge(s, scratch, [](const Welford<acc>& a, const Welford<acc>& b) {
+    return welford_merge(a, b);
+  });
 }
 
 } // namespace layernorm_ext::cuda

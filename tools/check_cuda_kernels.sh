@@ -45,12 +45,18 @@ compile_cu() {
 }
 export -f compile_cu
 
-mapfile -t CU < <(ls "$ROOT"/csrc/cuda/*.cu)
+shopt -s nullglob
+CU=("$ROOT"/csrc/cuda/*.cu)
+GLUE=("$ROOT"/csrc/cuda/*_cuda.cpp)
+if [[ ${#CU[@]} == 0 ]]; then
+  echo "check_cuda_kernels: no csrc/cuda/*.cu found under $ROOT" >&2
+  exit 2
+fi
 echo "check_cuda_kernels: $("$NVCC" --version | tail -1) (${#CU[@]} .cu files, $JOBS jobs)"
 printf '%s\n' "${CU[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_cu "$1"' _ {}
 
 # The glue needs torch's CUDA headers (c10/cuda, ATen/cuda) and Python's.
-TORCH_INCLUDES="$(python - <<'PY' 2>/dev/null || true
+TORCH_INCLUDES="$("${PYTHON:-python3}" - <<'PY' 2>/dev/null || true
 import os, sysconfig
 from torch.utils.cpp_extension import include_paths
 paths = include_paths() + [sysconfig.get_paths()["include"]]
@@ -58,6 +64,10 @@ if os.path.isfile(os.path.join(include_paths()[0], "c10", "cuda", "CUDAGuard.h")
     print(" ".join("-isystem " + p for p in paths))
 PY
 )"
+if [[ ${#GLUE[@]} == 0 ]]; then
+  echo "check_cuda_kernels: all sources compiled (no host glue found)"
+  exit 0
+fi
 if [[ -z "$TORCH_INCLUDES" ]]; then
   echo "check_cuda_kernels: torch's CUDA headers not found; host glue (csrc/cuda/*_cuda.cpp) not compiled"
   exit 0
@@ -71,7 +81,7 @@ compile_glue() {
 }
 export -f compile_glue
 export TORCH_INCLUDES
-ls "$ROOT"/csrc/cuda/*_cuda.cpp | xargs -P "$JOBS" -I{} bash -c 'compile_glue "$1"' _ {}
+printf '%s\n' "${GLUE[@]}" | xargs -P "$JOBS" -I{} bash -c 'compile_glue "$1"' _ {}
 
 defined="$(nm -C --defined-only "$OUT"/*.cu.o | grep -o 'layernorm_ext::cuda::.*' | sort -u)"
 missing=0

@@ -212,11 +212,11 @@ def test_second_stream(kind):
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        # A long kernel queued first on this stream: if the op ran on another
-        # stream, it would read x before the in-place scale lands.
-        x2 = x.clone()
-        torch.cuda._sleep(10_000_000)
-        x2.mul_(1.0)
+        # The op's input is only filled after a long sleep queued on this
+        # stream: an op that ran on another stream would read the zeros.
+        x2 = torch.zeros_like(x)
+        torch.cuda._sleep(50_000_000)
+        x2.copy_(x)
         got = run_row_norm(kind, x2, w, b, dy, 1e-5)
     stream.synchronize()
     for out, ref in zip((got[0], *got[2]), (expected[0], *expected[2])):

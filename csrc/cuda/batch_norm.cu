@@ -8,8 +8,9 @@
 // the same bits on every run.
 //  - NCHW: block (channel, split) walks its split's range of the channel's
 //    N * inner values, which are `inner`-long contiguous runs; consecutive
-//    threads read consecutive elements of a run. Threads merge by a shuffle
-//    tree, then warps in order.
+//    threads read consecutive elements of a run (of consecutive runs when runs
+//    are shorter than the block). Threads merge by a shuffle tree, then warps
+//    in order.
 //  - channels-last (and any input with inner == 1): the input is an
 //    (N * inner) x C matrix; block (32-channel tile, split) has thread (tx, ty)
 //    own channel tile * 32 + tx over rows ty, ty + 16, ... of its split, so a
@@ -115,12 +116,22 @@ __global__ void __launch_bounds__(kReduceThreads) channel_reduce_nchw_kernel(
   const int64_t end = std::min(batch * inner, begin + split_values);
   const auto ch = reducer.channel(c);
   State s = Reducer::identity();
-  for (int64_t n = begin / inner; n < batch && n * inner < end; ++n) {
-    const int64_t run_begin = std::max<int64_t>(begin - n * inner, 0);
-    const int64_t run_end = std::min(end - n * inner, inner);
-    const int64_t base = (n * channels + c) * inner;
-    for (int64_t j = run_begin + threadIdx.x; j < run_end; j += blockDim.x) {
-      reducer.push(s, base + j, ch);
+  if (inner >= blockDim.x) {
+    // Long runs: walk them one sample at a time, no index division.
+    for (int64_t n = begin / inner; n < batch && n * inner < end; ++n) {
+      const int64_t run_begin = std::max<int64_t>(begin - n * inner, 0);
+      const int64_t run_end = std::min(end - n * inner, inner);
+      const int64_t base = (n * channels + c) * inner;
+      for (int64_t j = run_begin + threadIdx.x; j < run_end; j += blockDim.x) {
+        reducer.push(s, base + j, ch);
+      }
+    }
+  } else {
+    // Short runs (small spatial size): one value a thread across samples, so
+    // that threads do not idle past the end of each run.
+    for (int64_t k = begin + threadIdx.x; k < end; k += blockDim.x) {
+      const int64_t n = k / inner;
+      reducer.push(s, (n * channels + c) * inner + (k - n * inner), ch);
     }
   }
   s = block_merge(s, scratch, [](const State& a, const State& b) { return Reducer::merge(a, b); });

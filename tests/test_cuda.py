@@ -262,6 +262,39 @@ def test_more_than_2_31_elements(kind):
         assert_close_rel(grads[0][rows_slice], ref_grads[0], torch.bfloat16, "grad past 2^31")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_norm_opcheck(dtype):
+    """The CUDA outputs match the fake kernels (shapes, dtypes, strides) and autograd."""
+    x = torch.randn(4, 6, 32, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(32, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(32, device="cuda", dtype=dtype, requires_grad=True)
+    torch.library.opcheck(_ops.layer_norm_forward.default, (x, [32], w, b, 1e-5))
+    torch.library.opcheck(_ops.rms_norm_forward.default, (x, [32], w, 1e-6))
+    dy = torch.randn_like(x)
+    with torch.no_grad():
+        _, mean, rstd = _ops.layer_norm_forward(x, [32], w, b, 1e-5)
+        _, rms_rstd = _ops.rms_norm_forward(x, [32], w, 1e-6)
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    for mask in ([True, True, True], [True, False, False], [False, True, False]):
+        torch.library.opcheck(_ops.layer_norm_backward.default, (dy, xd, [32], mean, rstd, wd, bd, mask))
+        torch.library.opcheck(_ops.rms_norm_backward.default, (dy, xd, [32], rms_rstd, wd, mask[:2]))
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_compile_fullgraph(kind):
+    x = torch.randn(8, 3, 256, device="cuda", requires_grad=True)
+    w = torch.randn(256, device="cuda", requires_grad=True)
+    if kind == "layer_norm":
+        fn = lambda x, w: layernorm_ext.layer_norm(x, [256], w, None).sum()  # noqa: E731
+    else:
+        fn = lambda x, w: layernorm_ext.rms_norm(x, [256], w).sum()  # noqa: E731
+    eager_grads = torch.autograd.grad(fn(x, w), (x, w))
+    compiled = torch.compile(fn, fullgraph=True)
+    compiled_grads = torch.autograd.grad(compiled(x, w), (x, w))
+    for got, ref in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, ref)
+
+
 # ----------------------------------------------------------------- BatchNorm
 
 BN_SHAPES = [(16, 8), (4, 6, 33), (8, 16, 7, 9), (2, 4, 3, 5, 6), (3, 64, 32, 32)]
@@ -384,3 +417,21 @@ def test_batch_norm_more_than_2_31_elements():
     ref_mean = sum(x[i : i + 256].double().sum((0, 2, 3)) for i in range(0, shape[0], 256))
     ref_mean = ref_mean / (shape[0] * shape[2] * shape[3])
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_opcheck(channels_last, training):
+    x = bn_input((4, 6, 5, 7), torch.float32, channels_last).requires_grad_()
+    w = torch.randn(6, device="cuda", requires_grad=True)
+    b = torch.randn(6, device="cuda", requires_grad=True)
+    rm, rv = torch.randn(6, device="cuda"), torch.rand(6, device="cuda") + 0.5
+    torch.library.opcheck(_ops.batch_norm_forward.default, (x, w, b, rm, rv, training, 0.1, 1e-5))
+    with torch.no_grad():
+        _, mean, rstd, _, _ = _ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
+    dy = bn_input((4, 6, 5, 7), torch.float32, channels_last, seed=3)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        torch.library.opcheck(
+            _ops.batch_norm_backward.default,
+            (dy, x.detach(), w.detach(), b.detach(), mean, rstd, training, mask),
+        )

@@ -21,6 +21,7 @@ several buffers so that the cache does not serve them.
 
 import argparse
 import datetime
+import functools
 import math
 import statistics
 import subprocess
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import layernorm_ext  # noqa: E402
+import layernorm_ext
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -53,7 +54,9 @@ def row_norm_bytes(kind, rows, cols, dtype, backward):
     forward = 2 * rows * cols * elem + params * cols * elem + stats * rows * 4
     if not backward:
         return forward
-    return forward + 3 * rows * cols * elem + stats * rows * 4 + 2 * params * cols * elem
+    return (
+        forward + 3 * rows * cols * elem + stats * rows * 4 + 2 * params * cols * elem
+    )
 
 
 def batch_norm_bytes(shape, dtype, backward):
@@ -97,7 +100,10 @@ def median_ms(fn, device, warmup_ms=25, rep_ms=100):
         pass
     fn()
     torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start, end = (
+        torch.cuda.Event(enable_timing=True),
+        torch.cuda.Event(enable_timing=True),
+    )
     start.record()
     fn()
     end.record()
@@ -136,9 +142,9 @@ def copy_ms(nbytes, device):
     n = max(1, nbytes // 2)
 
     def make():
-        return torch.randint(0, 255, (n,), dtype=torch.uint8, device=device), torch.empty(
-            n, dtype=torch.uint8, device=device
-        )
+        return torch.randint(
+            0, 255, (n,), dtype=torch.uint8, device=device
+        ), torch.empty(n, dtype=torch.uint8, device=device)
 
     next_pair = rotating(make, nbytes, device)
 
@@ -165,18 +171,22 @@ def row_norm_impls(kind, cols, dtype, device, with_compile, liger):
     w = torch.randn(cols, device=device, dtype=dtype, requires_grad=True)
     b = torch.randn(cols, device=device, dtype=dtype, requires_grad=True)
     if kind == "layer_norm":
-        ours = lambda x: layernorm_ext.layer_norm(x, [cols], w, b)  # noqa: E731
-        native = lambda x: F.layer_norm(x, [cols], w, b)  # noqa: E731
+        ours = lambda x: layernorm_ext.layer_norm(x, [cols], w, b)
+        native = lambda x: F.layer_norm(x, [cols], w, b)
     else:
-        ours = lambda x: layernorm_ext.rms_norm(x, [cols], w, 1e-6)  # noqa: E731
-        native = lambda x: F.rms_norm(x, [cols], w, 1e-6)  # noqa: E731
+        ours = lambda x: layernorm_ext.rms_norm(x, [cols], w, 1e-6)
+        native = lambda x: F.rms_norm(x, [cols], w, 1e-6)
     impls = {"layernorm_ext": ours, "torch": native}
     if with_compile:
         impls["torch.compile"] = torch.compile(native, dynamic=True)
     if liger is not None and device.type == "cuda":
         layer_cls, rms_cls = liger
         try:
-            module = (layer_cls(cols, eps=1e-5) if kind == "layer_norm" else rms_cls(cols, eps=1e-6))
+            module = (
+                layer_cls(cols, eps=1e-5)
+                if kind == "layer_norm"
+                else rms_cls(cols, eps=1e-6)
+            )
             impls["liger"] = module.to(device=device, dtype=dtype)
         except Exception as error:  # noqa: BLE001
             print(f"liger {kind}: not usable ({error})", file=sys.stderr)
@@ -189,12 +199,12 @@ def batch_norm_impls(channels, dtype, device, with_compile):
     b = torch.randn(channels, device=device, dtype=param_dtype, requires_grad=True)
     ops = torch.ops.layernorm_ext
 
-    def ours(x):
-        if hasattr(layernorm_ext, "batch_norm"):
-            return layernorm_ext.batch_norm(x, None, None, w, b, training=True)
-        return ops.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)[0]
+    if hasattr(layernorm_ext, "batch_norm"):
+        ours = lambda x: layernorm_ext.batch_norm(x, None, None, w, b, training=True)
+    else:  # the op alone (no autograd formula): forward only
+        ours = lambda x: ops.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)[0]
 
-    native = lambda x: F.batch_norm(x, None, None, w, b, training=True)  # noqa: E731
+    native = lambda x: F.batch_norm(x, None, None, w, b, training=True)
     impls = {"layernorm_ext": ours, "torch": native}
     if with_compile:
         impls["torch.compile"] = torch.compile(native, dynamic=True)
@@ -272,22 +282,48 @@ def timed_or_note(cfg, what, impl, make, nbytes, backward):
         return None
 
 
+def random_tensor(shape, dtype, device, memory_format):
+    return torch.randn(shape, device=device, dtype=dtype).contiguous(
+        memory_format=memory_format
+    )
+
+
 def run_row_norms(cfg, liger, results):
     for kind in ("layer_norm", "rms_norm"):
         for dtype in cfg.dtypes:
             for rows, cols in cfg.row_shapes:
-                impls = row_norm_impls(kind, cols, dtype, cfg.device, cfg.with_compile, liger)
-                make = lambda: torch.randn(rows, cols, device=cfg.device, dtype=dtype)  # noqa: E731
+                impls = row_norm_impls(
+                    kind, cols, dtype, cfg.device, cfg.with_compile, liger
+                )
+                make = functools.partial(
+                    torch.randn, rows, cols, device=cfg.device, dtype=dtype
+                )
                 for backward in (False, True):
                     nbytes = row_norm_bytes(kind, rows, cols, dtype, backward)
                     reference_ms = copy_ms(nbytes, cfg.device)
                     for name, impl in impls.items():
-                        ms = timed_or_note(cfg, f"{kind} {rows}x{cols} {name}", impl, make, nbytes, backward)
+                        ms = timed_or_note(
+                            cfg,
+                            f"{kind} {rows}x{cols} {name}",
+                            impl,
+                            make,
+                            nbytes,
+                            backward,
+                        )
                         if ms is None:
                             continue
-                        results.append(Result(kind, f"{rows}x{cols}", DTYPE_NAMES[dtype],
-                                              "fwd+bwd" if backward else "fwd", name, ms, nbytes,
-                                              reference_ms))
+                        results.append(
+                            Result(
+                                kind,
+                                f"{rows}x{cols}",
+                                DTYPE_NAMES[dtype],
+                                "fwd+bwd" if backward else "fwd",
+                                name,
+                                ms,
+                                nbytes,
+                                reference_ms,
+                            )
+                        )
                         print(format_row(results[-1]), flush=True)
 
 
@@ -297,18 +333,34 @@ def run_batch_norms(cfg, results):
             for channels_last in (False, True):
                 impls = batch_norm_impls(shape[1], dtype, cfg.device, cfg.with_compile)
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
-                make = lambda: torch.randn(shape, device=cfg.device, dtype=dtype).contiguous(memory_format=fmt)  # noqa: E731
+                make = functools.partial(random_tensor, shape, dtype, cfg.device, fmt)
                 layout = "NHWC" if channels_last else "NCHW"
                 for backward in (False, True):
                     nbytes = batch_norm_bytes(shape, dtype, backward)
                     reference_ms = copy_ms(nbytes, cfg.device)
                     for name, impl in impls.items():
-                        ms = timed_or_note(cfg, f"batch_norm {shape} {layout} {name}", impl, make, nbytes, backward)
+                        ms = timed_or_note(
+                            cfg,
+                            f"batch_norm {shape} {layout} {name}",
+                            impl,
+                            make,
+                            nbytes,
+                            backward,
+                        )
                         if ms is None:
                             continue
-                        results.append(Result("batch_norm", f"{'x'.join(map(str, shape))} {layout}",
-                                              DTYPE_NAMES[dtype], "fwd+bwd" if backward else "fwd",
-                                              name, ms, nbytes, reference_ms))
+                        results.append(
+                            Result(
+                                "batch_norm",
+                                f"{'x'.join(map(str, shape))} {layout}",
+                                DTYPE_NAMES[dtype],
+                                "fwd+bwd" if backward else "fwd",
+                                name,
+                                ms,
+                                nbytes,
+                                reference_ms,
+                            )
+                        )
                         print(format_row(results[-1]), flush=True)
 
 
@@ -318,20 +370,29 @@ HEADER = "| op | shape | dtype | pass | impl | median ms | GB/s | % of copy |"
 
 
 def format_row(r):
-    return (f"| {r.op} | {r.shape} | {r.dtype} | {r.direction} | {r.impl} | {r.ms:.4f} | "
-            f"{r.gbps:.1f} | {r.pct_copy:.1f} |")
+    return (
+        f"| {r.op} | {r.shape} | {r.dtype} | {r.direction} | {r.impl} | {r.ms:.4f} | "
+        f"{r.gbps:.1f} | {r.pct_copy:.1f} |"
+    )
 
 
 def git_commit():
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
 
 def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
+    return (
+        torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
+    )
 
 
 def markdown(results, cfg):
@@ -339,7 +400,7 @@ def markdown(results, cfg):
         f"# GPU benchmark: {device_name(cfg.device)}",
         "",
         f"- torch {torch.__version__}, CUDA {torch.version.cuda}, layernorm_ext commit {git_commit()}",
-        f"- date {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- date {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M UTC}",
         "- median time; GB/s of the bytes the op must move (inputs read once, outputs written once);",
         "  % of copy = time of a device-to-device copy of the same bytes / the op's time",
         *[f"- {note}" for note in cfg.notes],
@@ -361,16 +422,30 @@ def plot(results, path):
     except ImportError:
         return False
     groups = sorted({(r.op, r.dtype, r.direction) for r in results})
-    fig, axes = plt.subplots(len(groups), 1, figsize=(12, 3 * len(groups)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(groups), 1, figsize=(12, 3 * len(groups)), squeeze=False
+    )
     for ax, (op, dtype, direction) in zip(axes[:, 0], groups):
-        subset = [r for r in results if (r.op, r.dtype, r.direction) == (op, dtype, direction)]
+        subset = [
+            r for r in results if (r.op, r.dtype, r.direction) == (op, dtype, direction)
+        ]
         shapes = list(dict.fromkeys(r.shape for r in subset))
         impls = list(dict.fromkeys(r.impl for r in subset))
         width = 0.8 / len(impls)
         for k, impl in enumerate(impls):
-            values = [next((r.pct_copy for r in subset if r.shape == s and r.impl == impl), 0) for s in shapes]
-            ax.bar([i + k * width for i in range(len(shapes))], values, width, label=impl)
-        ax.set_xticks([i + 0.4 - width / 2 for i in range(len(shapes))], shapes, rotation=30, fontsize=7)
+            values = [
+                next((r.pct_copy for r in subset if r.shape == s and r.impl == impl), 0)
+                for s in shapes
+            ]
+            ax.bar(
+                [i + k * width for i in range(len(shapes))], values, width, label=impl
+            )
+        ax.set_xticks(
+            [i + 0.4 - width / 2 for i in range(len(shapes))],
+            shapes,
+            rotation=30,
+            fontsize=7,
+        )
         ax.set_ylabel("% of copy")
         ax.set_title(f"{op} {dtype} {direction}")
         ax.legend(fontsize=7)
@@ -381,27 +456,57 @@ def plot(results, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU tensors (no GPU needed)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny shapes on CPU tensors (no GPU needed)",
+    )
     parser.add_argument("--quick", action="store_true", help="a few shapes only")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile column")
+    parser.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile column"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
 
     if args.dry_run:
-        cfg = Config([(64, 32), (16, 512)], [(4, 8, 6, 6)], [torch.float32, torch.bfloat16],
-                     torch.device("cpu"), with_compile=False,
-                     notes=["DRY RUN on CPU tensors: checks the harness only, the numbers mean nothing"])
+        cfg = Config(
+            [(64, 32), (16, 512)],
+            [(4, 8, 6, 6)],
+            [torch.float32, torch.bfloat16],
+            torch.device("cpu"),
+            with_compile=False,
+            notes=[
+                "DRY RUN on CPU tensors: checks the harness only, the numbers mean nothing"
+            ],
+        )
     else:
         if not torch.cuda.is_available() or not layernorm_ext.build_info()["cuda"]:
-            sys.exit("bench_gpu: needs a CUDA GPU and layernorm_ext built with CUDA (or use --dry-run)")
+            sys.exit(
+                "bench_gpu: needs a CUDA GPU and layernorm_ext built with CUDA (or use --dry-run)"
+            )
         rows = [4096, 32768] if args.quick else [4096, 8192, 16384, 32768]
         cols = [1024, 8192] if args.quick else [512, 1024, 2048, 4096, 8192, 16384]
-        bn = ([(64, 256, 56, 56), (128, 1024, 14, 14)] if args.quick else
-              [(32, 64, 112, 112), (64, 256, 56, 56), (64, 512, 28, 28), (128, 1024, 14, 14),
-               (256, 2048, 7, 7)])
-        cfg = Config([(r, c) for r in rows for c in cols], bn, [torch.float32, torch.bfloat16],
-                     torch.device("cuda"), with_compile=not args.no_compile)
+        bn = (
+            [(64, 256, 56, 56), (128, 1024, 14, 14)]
+            if args.quick
+            else [
+                (32, 64, 112, 112),
+                (64, 256, 56, 56),
+                (64, 512, 28, 28),
+                (128, 1024, 14, 14),
+                (256, 2048, 7, 7),
+            ]
+        )
+        cfg = Config(
+            [(r, c) for r in rows for c in cols],
+            bn,
+            [torch.float32, torch.bfloat16],
+            torch.device("cuda"),
+            with_compile=not args.no_compile,
+        )
     liger, reason = liger_modules()
     if reason:
         cfg.notes.append(reason)
@@ -412,11 +517,22 @@ def main(argv=None):
     run_batch_norms(cfg, results)
 
     args.out.mkdir(parents=True, exist_ok=True)
-    tag = "dryrun" if args.dry_run else torch.cuda.get_device_name().replace(" ", "_").lower()
+    tag = (
+        "dryrun"
+        if args.dry_run
+        else torch.cuda.get_device_name().replace(" ", "_").lower()
+    )
     md_path = args.out / f"gpu_{tag}.md"
     md_path.write_text(markdown(results, cfg))
     png_path = args.out / f"gpu_{tag}.png"
-    print(f"wrote {md_path}" + (f" and {png_path}" if plot(results, png_path) else " (matplotlib missing: no plot)"))
+    print(
+        f"wrote {md_path}"
+        + (
+            f" and {png_path}"
+            if plot(results, png_path)
+            else " (matplotlib missing: no plot)"
+        )
+    )
     return results
 
 

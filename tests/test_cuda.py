@@ -22,7 +22,12 @@ pytestmark = pytest.mark.skipif(
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # ||out - ref|| / ||ref|| allowed per dtype (fp32 accumulation for 16-bit types).
-TOL = {torch.float32: 1e-5, torch.float64: 1e-13, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+TOL = {
+    torch.float32: 1e-5,
+    torch.float64: 1e-13,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.5e-2,
+}
 COLS = [1, 7, 1000, 4096, 65537]
 
 
@@ -34,9 +39,13 @@ def rel_err(out, ref):
 
 
 def assert_close_rel(out, ref, dtype, what=""):
-    assert out.shape == ref.shape, f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    assert out.shape == ref.shape, (
+        f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    )
     err = rel_err(out, ref)
-    assert err <= TOL[dtype], f"{what}: relative error {err:.3e} > {TOL[dtype]:.1e} ({dtype})"
+    assert err <= TOL[dtype], (
+        f"{what}: relative error {err:.3e} > {TOL[dtype]:.1e} ({dtype})"
+    )
 
 
 def poison_allocator(device="cuda", nbytes=1 << 28):
@@ -53,7 +62,9 @@ def rows_for(cols):
 
 
 def param_dtypes(dtype):
-    return [dtype, torch.float32] if dtype in (torch.float16, torch.bfloat16) else [dtype]
+    return (
+        [dtype, torch.float32] if dtype in (torch.float16, torch.bfloat16) else [dtype]
+    )
 
 
 def row_case(dtype, param_dtype, cols, batch=None, affine=True, seed=0):
@@ -63,7 +74,7 @@ def row_case(dtype, param_dtype, cols, batch=None, affine=True, seed=0):
     w = torch.randn(cols, generator=g, dtype=torch.float64) if affine else None
     b = torch.randn(cols, generator=g, dtype=torch.float64) if affine else None
     dy = torch.randn(*batch, cols, generator=g, dtype=torch.float64)
-    cast = lambda t, d: None if t is None else t.to(d).cuda()  # noqa: E731
+    cast = lambda t, d: None if t is None else t.to(d).cuda()
     return cast(x, dtype), cast(w, param_dtype), cast(b, param_dtype), cast(dy, dtype)
 
 
@@ -77,7 +88,9 @@ def reference_row_norm(kind, x, w, b, dy, eps):
         y = F.layer_norm(x64, shape, w64, b64, eps)
     else:
         y = F.rms_norm(x64, shape, w64, eps)
-    inputs = [t for t in (x64, w64, b64 if kind == "layer_norm" else None) if t is not None]
+    inputs = [
+        t for t in (x64, w64, b64 if kind == "layer_norm" else None) if t is not None
+    ]
     grads = torch.autograd.grad(y, inputs, dy.double())
     return y.detach(), grads
 
@@ -122,7 +135,9 @@ def test_row_norm_matches_float64(kind, dtype, cols):
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
 def test_row_norm_statistics(kind):
     x, w, b, _ = row_case(torch.float32, torch.float32, 1000)
-    x = x + 1000.0  # a large mean against a unit spread: a naive E[x^2] - E[x]^2 loses it
+    x = (
+        x + 1000.0
+    )  # a large mean against a unit spread: a naive E[x^2] - E[x]^2 loses it
     x64 = x.double()
     if kind == "layer_norm":
         _, mean, rstd = _ops.layer_norm_forward(x, [1000], w, b, 1e-5)
@@ -141,7 +156,9 @@ def test_cpu_and_cuda_agree(kind, cols):
     cuda_y, cuda_stats, cuda_grads = run_row_norm(kind, x, w, b, dy, 1e-5)
     cpu = [None if t is None else t.cpu() for t in (x, w, b, dy)]
     cpu_y, cpu_stats, cpu_grads = run_row_norm(kind, *cpu, 1e-5)
-    for out, ref in zip((cuda_y, *cuda_stats, *cuda_grads), (cpu_y, *cpu_stats, *cpu_grads)):
+    for out, ref in zip(
+        (cuda_y, *cuda_stats, *cuda_grads), (cpu_y, *cpu_stats, *cpu_grads)
+    ):
         assert out.shape == ref.shape and out.dtype == ref.dtype
         torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=2e-5)
 
@@ -171,7 +188,12 @@ def test_misaligned_rows_take_the_scalar_path(kind):
     w = torch.randn(256, device="cuda")
     fn = layernorm_ext.layer_norm if kind == "layer_norm" else layernorm_ext.rms_norm
     ref_fn = F.layer_norm if kind == "layer_norm" else F.rms_norm
-    assert_close_rel(fn(x, [256], w), ref_fn(x.double(), [256], w.double()), torch.float32, "misaligned")
+    assert_close_rel(
+        fn(x, [256], w),
+        ref_fn(x.double(), [256], w.double()),
+        torch.float32,
+        "misaligned",
+    )
 
 
 def test_zero_rows():
@@ -179,7 +201,9 @@ def test_zero_rows():
     y, mean, rstd = _ops.layer_norm_forward(x, [64], None, None, 1e-5)
     assert y.shape == (0, 64) and mean.shape == (0,) and rstd.shape == (0,)
     w = torch.randn(64, device="cuda")
-    dx, dw, db = _ops.layer_norm_backward(x, x, [64], mean, rstd, w, w, [True, True, True])
+    dx, dw, db = _ops.layer_norm_backward(
+        x, x, [64], mean, rstd, w, w, [True, True, True]
+    )
     assert dx.shape == (0, 64)
     assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(w))
 
@@ -190,9 +214,13 @@ def test_gradcheck_float64(kind):
     w = torch.randn(17, dtype=torch.float64, device="cuda", requires_grad=True)
     b = torch.randn(17, dtype=torch.float64, device="cuda", requires_grad=True)
     if kind == "layer_norm":
-        assert torch.autograd.gradcheck(lambda x, w, b: layernorm_ext.layer_norm(x, [17], w, b), (x, w, b))
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: layernorm_ext.layer_norm(x, [17], w, b), (x, w, b)
+        )
     else:
-        assert torch.autograd.gradcheck(lambda x, w: layernorm_ext.rms_norm(x, [17], w, 1e-6), (x, w))
+        assert torch.autograd.gradcheck(
+            lambda x, w: layernorm_ext.rms_norm(x, [17], w, 1e-6), (x, w)
+        )
 
 
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
@@ -231,12 +259,16 @@ def test_second_device(kind):
     w, b = torch.randn(16), torch.randn(16)
     if kind == "batch_norm":
         ref = _ops.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)[0]
-        got = _ops.batch_norm_forward(x.to("cuda:1"), w.to("cuda:1"), b.to("cuda:1"), None, None, True, 0.1, 1e-5)[0]
+        got = _ops.batch_norm_forward(
+            x.to("cuda:1"), w.to("cuda:1"), b.to("cuda:1"), None, None, True, 0.1, 1e-5
+        )[0]
     else:
         x = x.reshape(8, 400)
         w, b = torch.randn(400), torch.randn(400)
         ref = run_row_norm(kind, x, w, b, x, 1e-5)[0]
-        got = run_row_norm(kind, x.to("cuda:1"), w.to("cuda:1"), b.to("cuda:1"), x.to("cuda:1"), 1e-5)[0]
+        got = run_row_norm(
+            kind, x.to("cuda:1"), w.to("cuda:1"), b.to("cuda:1"), x.to("cuda:1"), 1e-5
+        )[0]
     assert got.device == torch.device("cuda:1")
     torch.testing.assert_close(got.cpu(), ref, rtol=2e-5, atol=2e-5)
 
@@ -255,11 +287,17 @@ def test_more_than_2_31_elements(kind):
         pytest.skip(f"needs {5 * nbytes / 2**30:.1f} GiB free on the GPU")
     x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
-    y, stats, grads = run_row_norm(kind, x, w, w, x, 1e-5, mask=(True, False, False))
+    y, _, grads = run_row_norm(kind, x, w, w, x, 1e-5, mask=(True, False, False))
     for rows_slice in (slice(0, 2), slice(rows - 2, rows)):
-        ref_y, ref_grads = reference_row_norm(kind, x[rows_slice], w, w, x[rows_slice], 1e-5)
-        assert_close_rel(y[rows_slice], ref_y, torch.bfloat16, "rows past 2^31 elements")
-        assert_close_rel(grads[0][rows_slice], ref_grads[0], torch.bfloat16, "grad past 2^31")
+        ref_y, ref_grads = reference_row_norm(
+            kind, x[rows_slice], w, w, x[rows_slice], 1e-5
+        )
+        assert_close_rel(
+            y[rows_slice], ref_y, torch.bfloat16, "rows past 2^31 elements"
+        )
+        assert_close_rel(
+            grads[0][rows_slice], ref_grads[0], torch.bfloat16, "grad past 2^31"
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -276,8 +314,12 @@ def test_row_norm_opcheck(dtype):
         _, rms_rstd = _ops.rms_norm_forward(x, [32], w, 1e-6)
     xd, wd, bd = x.detach(), w.detach(), b.detach()
     for mask in ([True, True, True], [True, False, False], [False, True, False]):
-        torch.library.opcheck(_ops.layer_norm_backward.default, (dy, xd, [32], mean, rstd, wd, bd, mask))
-        torch.library.opcheck(_ops.rms_norm_backward.default, (dy, xd, [32], rms_rstd, wd, mask[:2]))
+        torch.library.opcheck(
+            _ops.layer_norm_backward.default, (dy, xd, [32], mean, rstd, wd, bd, mask)
+        )
+        torch.library.opcheck(
+            _ops.rms_norm_backward.default, (dy, xd, [32], rms_rstd, wd, mask[:2])
+        )
 
 
 @pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
@@ -285,9 +327,9 @@ def test_compile_fullgraph(kind):
     x = torch.randn(8, 3, 256, device="cuda", requires_grad=True)
     w = torch.randn(256, device="cuda", requires_grad=True)
     if kind == "layer_norm":
-        fn = lambda x, w: layernorm_ext.layer_norm(x, [256], w, None).sum()  # noqa: E731
+        fn = lambda x, w: layernorm_ext.layer_norm(x, [256], w, None).sum()
     else:
-        fn = lambda x, w: layernorm_ext.rms_norm(x, [256], w).sum()  # noqa: E731
+        fn = lambda x, w: layernorm_ext.rms_norm(x, [256], w).sum()
     eager_grads = torch.autograd.grad(fn(x, w), (x, w))
     compiled = torch.compile(fn, fullgraph=True)
     compiled_grads = torch.autograd.grad(compiled(x, w), (x, w))
@@ -327,9 +369,17 @@ def bn_reference(x, w, b, rm, rv, training, momentum, eps, dy):
 
 
 def expected_format(x):
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+    if (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    ):
         return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous():
+    if (
+        x.dim() == 5
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and not x.is_contiguous()
+    ):
         return torch.channels_last_3d
     return torch.contiguous_format
 
@@ -350,8 +400,12 @@ def test_batch_norm_matches_float64(dtype, shape, channels_last, training):
     rv = torch.rand(c, dtype=param, device="cuda") + 0.5
     dy = bn_input(shape, dtype, channels_last, seed=1)
     poison_allocator()
-    y, save_mean, save_rstd, new_rm, new_rv = _ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
-    ref_y, ref_mean, ref_rstd, ref_rm, ref_rv, ref_grads = bn_reference(x, w, b, rm, rv, training, 0.1, 1e-5, dy)
+    y, save_mean, save_rstd, new_rm, new_rv = _ops.batch_norm_forward(
+        x, w, b, rm, rv, training, 0.1, 1e-5
+    )
+    ref_y, ref_mean, ref_rstd, ref_rm, ref_rv, ref_grads = bn_reference(
+        x, w, b, rm, rv, training, 0.1, 1e-5, dy
+    )
     what = f"batch_norm {shape} cl={channels_last} training={training}"
     assert y.is_contiguous(memory_format=expected_format(x)), what
     assert_close_rel(y, ref_y, dtype, what + " output")
@@ -363,9 +417,13 @@ def test_batch_norm_matches_float64(dtype, shape, channels_last, training):
         assert_close_rel(new_rv, ref_rv, dtype, what + " running_var")
     else:
         assert new_rm.shape == (0,) and new_rv.shape == (0,)
-    grads = _ops.batch_norm_backward(dy, x, w, b, save_mean, save_rstd, training, [True, True, True])
+    grads = _ops.batch_norm_backward(
+        dy, x, w, b, save_mean, save_rstd, training, [True, True, True]
+    )
     assert grads[0].is_contiguous(memory_format=expected_format(x)), what
-    for got, ref, name in zip(grads, ref_grads, ("grad_input", "grad_weight", "grad_bias")):
+    for got, ref, name in zip(
+        grads, ref_grads, ("grad_input", "grad_weight", "grad_bias")
+    ):
         assert_close_rel(got, ref, dtype, f"{what} {name}")
 
 
@@ -398,7 +456,14 @@ def test_batch_norm_is_deterministic():
     runs = []
     for _ in range(2):
         out = _ops.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)
-        runs.append((*out[:3], *_ops.batch_norm_backward(dy, x, w, b, out[1], out[2], True, [True] * 3)))
+        runs.append(
+            (
+                *out[:3],
+                *_ops.batch_norm_backward(
+                    dy, x, w, b, out[1], out[2], True, [True] * 3
+                ),
+            )
+        )
     for a, c in zip(*runs):
         assert torch.equal(a, c)
 
@@ -409,12 +474,16 @@ def test_batch_norm_more_than_2_31_elements():
     if _free_bytes() < 2 * nbytes + (1 << 30):  # x, y (bfloat16) and slack
         pytest.skip(f"needs {(2 * nbytes + (1 << 30)) / 2**30:.1f} GiB free on the GPU")
     x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
-    y, mean, rstd, _, _ = _ops.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)
+    y, mean, rstd, _, _ = _ops.batch_norm_forward(
+        x, None, None, None, None, True, 0.1, 1e-5
+    )
     x_last = x[-1].double()
     ref_last = (x_last - mean.double()[:, None, None]) * rstd.double()[:, None, None]
     assert_close_rel(y[-1], ref_last, torch.bfloat16, "batch_norm past 2^31 elements")
     # Chunked float64 sums: a float copy of x would not fit beside it.
-    ref_mean = sum(x[i : i + 256].double().sum((0, 2, 3)) for i in range(0, shape[0], 256))
+    ref_mean = sum(
+        x[i : i + 256].double().sum((0, 2, 3)) for i in range(0, shape[0], 256)
+    )
     ref_mean = ref_mean / (shape[0] * shape[2] * shape[3])
     torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-4)
 
@@ -426,9 +495,13 @@ def test_batch_norm_opcheck(channels_last, training):
     w = torch.randn(6, device="cuda", requires_grad=True)
     b = torch.randn(6, device="cuda", requires_grad=True)
     rm, rv = torch.randn(6, device="cuda"), torch.rand(6, device="cuda") + 0.5
-    torch.library.opcheck(_ops.batch_norm_forward.default, (x, w, b, rm, rv, training, 0.1, 1e-5))
+    torch.library.opcheck(
+        _ops.batch_norm_forward.default, (x, w, b, rm, rv, training, 0.1, 1e-5)
+    )
     with torch.no_grad():
-        _, mean, rstd, _, _ = _ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
+        _, mean, rstd, _, _ = _ops.batch_norm_forward(
+            x, w, b, rm, rv, training, 0.1, 1e-5
+        )
     dy = bn_input((4, 6, 5, 7), torch.float32, channels_last, seed=3)
     for mask in ([True, True, True], [True, False, False], [False, True, True]):
         torch.library.opcheck(

@@ -149,6 +149,7 @@ __global__ void __launch_bounds__(1024) row_norm_grad_input_block_kernel(
     const acc mu = kCenter ? mean[row] : acc(0);
     const acc rs = rstd[row];
     acc sums[2] = {0, 0};
+    #pragma unroll 4
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
       const auto x = load_pack<kVec>(input + offset + p * kVec);
       const auto dy = load_pack<kVec>(grad_output + offset + p * kVec);
@@ -159,6 +160,7 @@ __global__ void __launch_bounds__(1024) row_norm_grad_input_block_kernel(
       add_row_sums(x, dy, weight, p * kVec, mu, rs, sums[0], sums[1]);
     }
     block_sum(sums, scratch);
+    #pragma unroll 4
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
       const auto x = kCached ? x_cache[p] : load_pack<kVec>(input + offset + p * kVec);
       const auto dy = kCached ? dy_cache[p] : load_pack<kVec>(grad_output + offset + p * kVec);

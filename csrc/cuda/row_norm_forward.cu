@@ -126,6 +126,7 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
     acc var = 0;
     if constexpr (kCached) {
       acc sum[1] = {0};
+      #pragma unroll 4
       for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
         const auto pack = load_pack<kVec>(x + p * kVec);
         cache[p] = pack;
@@ -148,6 +149,7 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
       var = squares[0] / cols;
     } else if constexpr (kCenter) {
       Welford<acc> stats{0, 0, 0};
+      #pragma unroll 4
       for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
         const auto pack = load_pack<kVec>(x + p * kVec);
 #pragma unroll
@@ -158,6 +160,7 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
       var = stats.m2 / cols;
     } else {
       acc squares[1] = {0};
+      #pragma unroll 4
       for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
         const auto pack = load_pack<kVec>(x + p * kVec);
 #pragma unroll
@@ -171,6 +174,7 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
       if constexpr (kCenter) mean[row] = mu;
       rstd[row] = rs;
     }
+    #pragma unroll 4
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
       const auto pack = kCached ? cache[p] : load_pack<kVec>(x + p * kVec);
       store_pack<kVec>(

@@ -13,6 +13,8 @@
 //    there, not from device memory;
 //  - very long rows (past the cache): the block re-reads the row from L2,
 //    with statistics taken in one sweep (Welford, Chan merges in a fixed order).
+// Block-path sweeps are unrolled by 4 so that each thread has several 16-byte
+// loads in flight before it uses the first.
 // Vector packs need cols % kVec == 0 and 16-byte aligned rows; otherwise the
 // same kernels run with one element a pack.
 #pragma once

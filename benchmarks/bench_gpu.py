@@ -288,6 +288,34 @@ def random_tensor(shape, dtype, device, memory_format):
     )
 
 
+def time_impls(cfg, results, op, shape, dtype, impls, make, nbytes_of):
+    """Times every impl forward and forward+backward against a copy of the
+    same bytes, appending a Result per timing."""
+    for backward in (False, True):
+        nbytes = nbytes_of(backward)
+        reference_ms = copy_ms(nbytes, cfg.device)
+        direction = "fwd+bwd" if backward else "fwd"
+        for name, impl in impls.items():
+            ms = timed_or_note(
+                cfg, f"{op} {shape} {name}", impl, make, nbytes, backward
+            )
+            if ms is None:
+                continue
+            results.append(
+                Result(
+                    op,
+                    shape,
+                    DTYPE_NAMES[dtype],
+                    direction,
+                    name,
+                    ms,
+                    nbytes,
+                    reference_ms,
+                )
+            )
+            print(format_row(results[-1]), flush=True)
+
+
 def run_row_norms(cfg, liger, results):
     for kind in ("layer_norm", "rms_norm"):
         for dtype in cfg.dtypes:
@@ -298,33 +326,10 @@ def run_row_norms(cfg, liger, results):
                 make = functools.partial(
                     torch.randn, rows, cols, device=cfg.device, dtype=dtype
                 )
-                for backward in (False, True):
-                    nbytes = row_norm_bytes(kind, rows, cols, dtype, backward)
-                    reference_ms = copy_ms(nbytes, cfg.device)
-                    for name, impl in impls.items():
-                        ms = timed_or_note(
-                            cfg,
-                            f"{kind} {rows}x{cols} {name}",
-                            impl,
-                            make,
-                            nbytes,
-                            backward,
-                        )
-                        if ms is None:
-                            continue
-                        results.append(
-                            Result(
-                                kind,
-                                f"{rows}x{cols}",
-                                DTYPE_NAMES[dtype],
-                                "fwd+bwd" if backward else "fwd",
-                                name,
-                                ms,
-                                nbytes,
-                                reference_ms,
-                            )
-                        )
-                        print(format_row(results[-1]), flush=True)
+                nbytes_of = functools.partial(row_norm_bytes, kind, rows, cols, dtype)
+                time_impls(
+                    cfg, results, kind, f"{rows}x{cols}", dtype, impls, make, nbytes_of
+                )
 
 
 def run_batch_norms(cfg, results):
@@ -334,34 +339,13 @@ def run_batch_norms(cfg, results):
                 impls = batch_norm_impls(shape[1], dtype, cfg.device, cfg.with_compile)
                 fmt = torch.channels_last if channels_last else torch.contiguous_format
                 make = functools.partial(random_tensor, shape, dtype, cfg.device, fmt)
-                layout = "NHWC" if channels_last else "NCHW"
-                for backward in (False, True):
-                    nbytes = batch_norm_bytes(shape, dtype, backward)
-                    reference_ms = copy_ms(nbytes, cfg.device)
-                    for name, impl in impls.items():
-                        ms = timed_or_note(
-                            cfg,
-                            f"batch_norm {shape} {layout} {name}",
-                            impl,
-                            make,
-                            nbytes,
-                            backward,
-                        )
-                        if ms is None:
-                            continue
-                        results.append(
-                            Result(
-                                "batch_norm",
-                                f"{'x'.join(map(str, shape))} {layout}",
-                                DTYPE_NAMES[dtype],
-                                "fwd+bwd" if backward else "fwd",
-                                name,
-                                ms,
-                                nbytes,
-                                reference_ms,
-                            )
-                        )
-                        print(format_row(results[-1]), flush=True)
+                label = (
+                    f"{'x'.join(map(str, shape))} {'NHWC' if channels_last else 'NCHW'}"
+                )
+                nbytes_of = functools.partial(batch_norm_bytes, shape, dtype)
+                time_impls(
+                    cfg, results, "batch_norm", label, dtype, impls, make, nbytes_of
+                )
 
 
 # ------------------------------------------------------------------- report

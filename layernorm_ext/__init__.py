@@ -13,6 +13,7 @@ ensure_loaded()
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm  # noqa: E402
 from .layer_norm import LayerNorm, layer_norm  # noqa: E402
 from .rms_norm import RMSNorm, rms_norm  # noqa: E402
+from .sync_batch_norm import SyncBatchNorm  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -22,6 +23,7 @@ __all__ = [
     "BatchNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "SyncBatchNorm",
     "batch_norm",
     "build_info",
     "layer_norm",

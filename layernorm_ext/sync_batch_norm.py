@@ -191,7 +191,8 @@ def _global_input_grad(grad_output, input, weight, mean, rstd, sums, count):
     dy_shift = (scale * sum_dy / count).to(acc).view(shape)
     xmu_scale = (scale * rstd.double() * sum_dy_xhat / count).to(acc).view(shape)
     xmu = input.to(acc) - mean.view(shape)
-    grad_input = grad_output.to(acc) * dy_scale - dy_shift - xmu * xmu_scale
+    grad_input = grad_output.to(acc) * dy_scale
+    grad_input.sub_(dy_shift).addcmul_(xmu, xmu_scale, value=-1)
     return grad_input.to(input.dtype)
 
 

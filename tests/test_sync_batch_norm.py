@@ -436,3 +436,12 @@ def test_convert_sync_batchnorm():
     if "bias" in inspect.signature(torch.nn.BatchNorm2d).parameters:
         no_bias = SyncBatchNorm.convert_sync_batchnorm(torch.nn.BatchNorm2d(3, bias=False))
         assert no_bias.bias is None and no_bias.weight is not None
+
+
+def test_without_group_compiles_without_graph_break():
+    module = SyncBatchNorm(3)
+    compiled = torch.compile(module, fullgraph=True)
+    x = torch.randn(4, 3, 5) + 1
+    expected = F.batch_norm(x.double(), None, None, training=True)
+    torch.testing.assert_close(compiled(x).double(), expected, atol=1e-5, rtol=1e-5)
+    assert module.num_batches_tracked.item() == 1

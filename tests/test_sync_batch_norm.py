@@ -206,7 +206,7 @@ def _check_errors(rank):
     before = copy.deepcopy(module.state_dict())
     with pytest.raises(ValueError, match=r"expected at least 2D input \(got 1D input\)"):
         module(torch.randn(3, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="weight should contain 4 elements not 3"):
+    with pytest.raises(RuntimeError, match="should contain 4 elements not 3"):
         module(torch.randn(2, 4, dtype=torch.float64))
     # One value per channel over the whole group (rank 0 has it, the others none).
     lonely = torch.randn(1 if rank == 0 else 0, 3, dtype=torch.float64)
@@ -385,7 +385,7 @@ def test_input_errors_leave_state_unchanged():
         module(torch.randn(2, 0, 4))
     with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
         module(torch.randn(1, 3))
-    with pytest.raises(RuntimeError, match="weight should contain 4 elements not 3"):
+    with pytest.raises(RuntimeError, match="should contain 4 elements not 3"):
         module(torch.randn(2, 4))
     for key, value in module.state_dict().items():
         assert torch.equal(value, before[key]), key

@@ -32,7 +32,7 @@ import torch.multiprocessing as mp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import layernorm_ext  # noqa: E402
+import layernorm_ext  # noqa: E402 (after the sys.path insert)
 
 RESULT = os.path.join(ROOT, "benchmarks", "results", "sync_batch_norm_cpu.md")
 
@@ -73,7 +73,10 @@ def _rank_timings(channels, args):
 def _rank_main(rank, world_size, port, args, queue):
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
         timeout=datetime.timedelta(seconds=120),
     )
     try:
@@ -108,7 +111,10 @@ def _machine():
 def _commit():
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
@@ -161,7 +167,9 @@ def main():
     rows = []
     for world_size in args.ranks:
         mp.start_processes(
-            _rank_main, args=(world_size, _free_port(), args, queue), nprocs=world_size,
+            _rank_main,
+            args=(world_size, _free_port(), args, queue),
+            nprocs=world_size,
             start_method="spawn",
         )
         while not queue.empty():

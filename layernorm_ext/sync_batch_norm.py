@@ -88,9 +88,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(
-        ctx, input, weight, bias, running_mean, running_var, momentum, eps, process_group
-    ):
+    def forward(ctx, input, weight, bias, running_mean, running_var, momentum, eps, process_group):
         moments = _local_moments(input, weight, bias, running_mean, running_var, eps)
         world_size = dist.get_world_size(process_group)
         gathered = [torch.empty_like(moments) for _ in range(world_size)]

@@ -24,6 +24,9 @@ import torch.nn.functional as F
 from layernorm_ext import BatchNorm3d, SyncBatchNorm
 
 TIMEOUT_S = 60
+# Against the float64 reference: the input's own rounding (bfloat16, float16)
+# or float32 accumulation.
+TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
 def _free_port():
@@ -90,7 +93,13 @@ def _global_case(sizes, rest, dtype, *, affine=True, track=True, momentum=0.1, s
         "running_var": torch.rand(channels, generator=gen, dtype=torch.float64) + 0.5,
     }
     return dict(
-        sizes=sizes, x=x, dy=dy, state=state, dtype=dtype, affine=affine, track=track,
+        sizes=sizes,
+        x=x,
+        dy=dy,
+        state=state,
+        dtype=dtype,
+        affine=affine,
+        track=track,
         momentum=momentum,
     )
 
@@ -116,8 +125,12 @@ def _local_module(case, group=None):
     dtype = case["dtype"]
     channels = case["x"].shape[1]
     module = SyncBatchNorm(
-        channels, momentum=case["momentum"], affine=case["affine"],
-        track_running_stats=case["track"], process_group=group, dtype=dtype,
+        channels,
+        momentum=case["momentum"],
+        affine=case["affine"],
+        track_running_stats=case["track"],
+        process_group=group,
+        dtype=dtype,
     )
     module.load_state_dict(
         {k: v for k, v in case["state"].items() if k in module.state_dict()}, strict=False
@@ -139,9 +152,11 @@ class _CollectiveCounter:
     def __enter__(self):
         self.saved = {name: getattr(dist, name) for name in ("all_gather", "all_reduce")}
         for name, fn in self.saved.items():
+
             def counted(*args, _fn=fn, _name=name, **kwargs):
                 self.calls.append(_name)
                 return _fn(*args, **kwargs)
+
             setattr(dist, name, counted)
         return self
 
@@ -154,7 +169,7 @@ def _check_case(case, index, group=None, steps=1, channels_last=False):
     """Runs the case on this rank (the `index`-th slice of the global batch)
     and compares with the float64 reference; all ranks of the group call it."""
     dtype = case["dtype"]
-    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2}[dtype]
+    tol = TOLERANCE[dtype]
     sizes = case["sizes"]
     y_ref, dx_ref, (dw_ref, db_ref), running_ref = _reference(case, steps)
     module = _local_module(case, group)
@@ -172,9 +187,7 @@ def _check_case(case, index, group=None, steps=1, channels_last=False):
     if channels_last:
         assert y.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(y.double(), _slice(y_ref, sizes, index), atol=tol, rtol=tol)
-    torch.testing.assert_close(
-        x.grad.double(), _slice(dx_ref, sizes, index), atol=tol, rtol=tol
-    )
+    torch.testing.assert_close(x.grad.double(), _slice(dx_ref, sizes, index), atol=tol, rtol=tol)
     if case["affine"]:
         # Local parameter gradients summed over the ranks, as DDP does.
         grads = torch.stack([module.weight.grad, module.bias.grad]).double()
@@ -190,9 +203,13 @@ def _check_case(case, index, group=None, steps=1, channels_last=False):
             y_eval = module(x.detach())
         assert eval_calls.calls == []
         expected = F.batch_norm(
-            _slice(case["x"], sizes, index), *running_ref,
+            _slice(case["x"], sizes, index),
+            *running_ref,
             case["state"]["weight"] if case["affine"] else None,
-            case["state"]["bias"] if case["affine"] else None, False, 0.0, 1e-5,
+            case["state"]["bias"] if case["affine"] else None,
+            False,
+            0.0,
+            1e-5,
         )
         torch.testing.assert_close(y_eval.double(), expected, atol=tol, rtol=tol)
     else:
@@ -277,9 +294,7 @@ def _check_ddp(rank, world_size):
     )
     assert sum(isinstance(m, SyncBatchNorm) for m in model.modules()) == 2
     gen = torch.Generator().manual_seed(1)
-    optimizers = [
-        torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference, model)
-    ]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (reference, model)]
     for _ in range(3):
         x = torch.randn(sum(sizes), 3, 9, 9, generator=gen, dtype=torch.float64)
         target = torch.randint(0, 3, (sum(sizes),), generator=gen)
@@ -295,7 +310,9 @@ def _check_ddp(rank, world_size):
             optimizer.zero_grad()
         dist.all_reduce(loss.detach_())
         torch.testing.assert_close(loss / sum(sizes), reference_loss.detach())
-    for (name, ours), theirs in zip(model.module.state_dict().items(), reference.state_dict().values()):
+    for (name, ours), theirs in zip(
+        model.module.state_dict().items(), reference.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(ours, theirs, atol=1e-10, rtol=1e-10, msg=name)
 
 
@@ -305,6 +322,7 @@ def _check_world2(rank, world_size):
     _check_case(_global_case([1, 6], (3, 4, 2), f64), rank, channels_last=True)
     _check_case(_global_case([5, 2], (3, 2, 2, 2, 2), torch.float32), rank)
     _check_case(_global_case([2, 3], (2, 3, 2, 2, 2), f64), rank)  # 6-D: viewed as 3-D
+    _check_case(_global_case([4, 3], (3, 5), torch.bfloat16), rank)
     _check_errors(rank)
     _check_ddp(rank, world_size)
 
@@ -326,7 +344,10 @@ def test_two_ranks_and_ddp_training_equal_one_process():
 def test_without_group_equals_torch_sync_batch_norm(shape, affine, track, momentum):
     assert not dist.is_initialized()
     theirs = torch.nn.SyncBatchNorm(
-        shape[1], momentum=momentum, affine=affine, track_running_stats=track,
+        shape[1],
+        momentum=momentum,
+        affine=affine,
+        track_running_stats=track,
         dtype=torch.float64,
     )
     if affine:
@@ -334,7 +355,10 @@ def test_without_group_equals_torch_sync_batch_norm(shape, affine, track, moment
             theirs.weight.uniform_(0.5, 1.5)
             theirs.bias.normal_()
     ours = SyncBatchNorm(
-        shape[1], momentum=momentum, affine=affine, track_running_stats=track,
+        shape[1],
+        momentum=momentum,
+        affine=affine,
+        track_running_stats=track,
         dtype=torch.float64,
     )
     ours.load_state_dict(theirs.state_dict())
@@ -349,7 +373,9 @@ def test_without_group_equals_torch_sync_batch_norm(shape, affine, track, moment
         y.backward(dy)
         y_theirs.backward(dy)
         torch.testing.assert_close(x.grad, x_theirs.grad)
-        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+        for (name, a), b in zip(
+            ours.state_dict().items(), theirs.state_dict().values(), strict=True
+        ):
             torch.testing.assert_close(a, b, msg=name)
         if affine:
             torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
@@ -358,7 +384,10 @@ def test_without_group_equals_torch_sync_batch_norm(shape, affine, track, moment
 
 def test_group_of_one_rank_is_local_batch_norm():
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{_free_port()}",
+        rank=0,
+        world_size=1,
         timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
     try:
@@ -395,8 +424,11 @@ def test_state_dict_compatible_with_torch_sync_batch_norm():
     theirs = torch.nn.SyncBatchNorm(5)
     with torch.no_grad():
         for tensor in theirs.state_dict().values():
-            tensor.copy_(torch.randint(1, 9, tensor.shape) if tensor.dtype == torch.long
-                         else torch.rand(tensor.shape))
+            tensor.copy_(
+                torch.randint(1, 9, tensor.shape)
+                if tensor.dtype == torch.long
+                else torch.rand(tensor.shape)
+            )
     ours = SyncBatchNorm(5)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     ours.load_state_dict(theirs.state_dict())
@@ -424,9 +456,16 @@ def test_convert_sync_batchnorm():
     converted = SyncBatchNorm.convert_sync_batchnorm(model, process_group=group)
     assert converted is model and type(model[0]) is torch.nn.Linear
     new = [model[1], model[2][1], model[3], model[4]]
-    for before, after in zip(old, new):
+    for before, after in zip(old, new, strict=True):
         assert type(after) is SyncBatchNorm and after.process_group is group
-        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats", "training"):
+        for attr in (
+            "num_features",
+            "eps",
+            "momentum",
+            "affine",
+            "track_running_stats",
+            "training",
+        ):
             assert getattr(after, attr) == getattr(before, attr), attr
         for attr in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
             assert getattr(after, attr) is getattr(before, attr), attr

@@ -16,21 +16,26 @@
 // Determinism: a channel's statistics are merged from per-block partials.
 // The blocks are cut from the shape alone, each block is reduced in a fixed
 // order by the one task that owns it, and the partials are merged in block
-// order after the parallel region: no atomics, the same bits for any thread
-// count. Elementwise passes split the tensor into contiguous element ranges.
+// order (after the parallel region, or by the task that owns the channel):
+// no atomics, the same bits for any thread count, whichever task split the
+// thread count picks. Elementwise passes split the tensor into contiguous
+// element ranges, or into channels.
 // All work goes through at::parallel_for (torch's OpenMP pool, so
 // torch.set_num_threads applies), with grains that keep small inputs inline.
 //
-// Memory traffic: the training forward reads the input twice (statistics,
-// then normalize) and writes it once. A block's mean and then its squared
-// deviations are two sweeps over a block of about kStatBlock elements, the
-// second one from L1/L2, so the variance is the exact two-pass one (a channel
-// with mean 1e4 and unit variance keeps full precision, unlike
-// E[x^2] - E[x]^2) for the memory cost of one pass; blocks are merged with
-// Chan et al.'s pairwise formula. Sums are taken of x minus a value of the
-// block, so a large mean does not cost the mean its precision either. The
-// backward reads x and dy once for the per-channel sums and once more for dx
-// (the eval backward's dx reads dy only).
+// Memory traffic: the training forward sweeps the input twice (statistics,
+// then normalize) and writes it once; the backward sweeps x and dy twice
+// (per-channel sums, then dx; the eval dx reads dy only). In the plane layout
+// with at least one channel per thread, a task owns whole channels and runs
+// both sweeps of a channel back to back, so the second one reads it from
+// cache and memory sees one read (reduce_and_apply_per_channel). A block's
+// mean and then its squared deviations are two sweeps over a block of about
+// kStatBlock elements, the second one from L1/L2, so the variance is the exact
+// two-pass one (a channel with mean 1e4 and unit variance keeps full
+// precision, unlike E[x^2] - E[x]^2) for the memory cost of one pass; blocks
+// are merged with Chan et al.'s pairwise formula. Sums are taken of x minus a
+// value of the block, so a large mean does not cost the mean its precision
+// either.
 #pragma once
 
 #include "dispatch.h"
@@ -123,9 +128,48 @@ inline void for_each_channel_run(
   }
 }
 
-// Per-channel reduction in the plane layout: each channel's outer * inner
-// positions are cut into blocks of kStatBlock; a task owns whole blocks and
-// block_stats(c, begin, end) returns one block's pair of statistics.
+// Plane layout: a channel's statistics from its blocks of kStatBlock
+// positions, block_stats(begin, end) giving one block's pair, merged in block
+// order. Every plane-layout reduction ends here, whichever task computed the
+// blocks, so the bits depend on the shape alone.
+template <typename Merge, typename acc, typename BlockStats>
+std::array<acc, 2> merge_channel_blocks(int64_t positions, const BlockStats& block_stats) {
+  std::array<acc, 2> total{acc(0), acc(0)};
+  for (int64_t begin = 0; begin < positions; begin += kStatBlock) {
+    const std::array<acc, 2> block = block_stats(begin, std::min(positions, begin + kStatBlock));
+    Merge::merge(
+        &total[0], &total[1], begin, &block[0], &block[1],
+        std::min(positions - begin, kStatBlock), int64_t{1});
+  }
+  return total;
+}
+
+// Plane layout, many channels: a task owns whole channels, and reduces each
+// one's blocks and then runs its elementwise pass while the channel is still
+// in cache (L2, or L3 for big channels), where a separate pass would read it
+// back from memory. finish_channel(c, first, second) receives the channel's
+// statistics, then apply_channel(c) runs its pass.
+template <typename Merge, typename acc, typename BlockStats, typename Finish, typename Apply>
+void reduce_and_apply_per_channel(
+    const ChannelLayout& layout,
+    const BlockStats& block_stats,
+    const Finish& finish_channel,
+    const Apply& apply_channel) {
+  const int64_t positions = layout.outer * layout.inner;
+  at::parallel_for(
+      0, layout.channels, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(positions, 1)),
+      [&](int64_t channel_begin, int64_t channel_end) {
+        for (int64_t c = channel_begin; c < channel_end; ++c) {
+          const auto stats = merge_channel_blocks<Merge, acc>(
+              positions, [&](int64_t begin, int64_t end) { return block_stats(c, begin, end); });
+          finish_channel(c, stats[0], stats[1]);
+          apply_channel(c);
+        }
+      });
+}
+
+// Plane layout, few channels: tasks own blocks of any channel, so that a
+// single channel still spreads over every thread.
 template <typename Merge, typename acc, typename BlockStats>
 ChannelPair<acc> reduce_planes(const ChannelLayout& layout, const BlockStats& block_stats) {
   const int64_t channels = layout.channels;
@@ -141,15 +185,13 @@ ChannelPair<acc> reduce_planes(const ChannelLayout& layout, const BlockStats& bl
           partials[task] = block_stats(task / blocks, begin, end);
         }
       });
-  ChannelPair<acc> totals{std::vector<acc>(channels, acc(0)), std::vector<acc>(channels, acc(0))};
+  ChannelPair<acc> totals{std::vector<acc>(channels), std::vector<acc>(channels)};
   for (int64_t c = 0; c < channels; ++c) {
-    for (int64_t block = 0; block < blocks; ++block) {
-      const auto& partial = partials[c * blocks + block];
-      const int64_t begin = block * kStatBlock;
-      Merge::merge(
-          &totals.first[c], &totals.second[c], begin, &partial[0], &partial[1],
-          std::min(positions - begin, kStatBlock), int64_t{1});
-    }
+    const auto stats = merge_channel_blocks<Merge, acc>(positions, [&](int64_t begin, int64_t) {
+      return partials[c * blocks + begin / kStatBlock];
+    });
+    totals.first[c] = stats[0];
+    totals.second[c] = stats[1];
   }
   return totals;
 }
@@ -164,7 +206,8 @@ inline int64_t row_fold(int64_t channels) {
   return channels >= kMinRowWidth ? 1 : (kMinRowWidth + channels - 1) / channels;
 }
 
-// A per-channel array repeated to the width of a folded row.
+// A per-channel array repeated to the width of a folded row; its first
+// `channels` entries are the per-channel values.
 template <typename acc>
 std::vector<acc> widen(const acc* per_channel, int64_t channels) {
   std::vector<acc> wide(row_fold(channels) * channels);
@@ -236,15 +279,6 @@ ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& s
   return totals;
 }
 
-template <typename Merge, typename acc, typename SubBlockStats, typename BlockStats>
-ChannelPair<acc> reduce_channels(
-    const ChannelLayout& layout,
-    const SubBlockStats& rows_sub_block,
-    const BlockStats& plane_block) {
-  return layout.inner == 1 ? reduce_rows<Merge, acc>(layout, rows_sub_block)
-                           : reduce_planes<Merge, acc>(layout, plane_block);
-}
-
 // Runs an elementwise pass over the whole tensor in parallel, threads owning
 // contiguous element ranges. Row layout: row(offset, width) per folded row of
 // `width` elements (see row_fold), value j of channel j % channels. Plane
@@ -280,16 +314,26 @@ void parallel_elementwise(const ChannelLayout& layout, const Row& row, const Pla
       });
 }
 
-// Per-channel mean and m2 (sum of squared deviations from the mean) of x: the
-// training forward's statistics sweep. A block's sum is taken of x - shift,
-// shift being a value of the block (its first row), so that its rounding
-// error scales with the channel's spread and not with its mean (a float32
-// sum of 8192 values near 1e4 would lose the mean's last digits).
+// Calls plane_run(offset, inner, c) for every plane of channel c.
+template <typename PlaneRun>
+void for_each_plane_of_channel(const ChannelLayout& layout, int64_t c, const PlaneRun& plane_run) {
+  for (int64_t o = 0; o < layout.outer; ++o) {
+    plane_run((o * layout.channels + c) * layout.inner, layout.inner, c);
+  }
+}
+
+// Statistics of the training forward: per-channel mean and m2 (sum of squared
+// deviations from the mean). A block's sum is taken of x - shift, shift being
+// a value of the block (its first row), so that its rounding error scales
+// with the channel's spread and not with its mean (a float32 sum of 8192
+// values near 1e4 would lose the mean's last digits).
 template <typename T>
-ChannelPair<acc_t<T>> channel_moments(const T* x, const ChannelLayout& layout) {
+struct MomentsSweep {
   using acc = acc_t<T>;
-  const int64_t channels = layout.channels;
-  auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* mean, acc* m2) {
+  const T* x;
+  ChannelLayout layout;
+
+  void rows_sub_block(int64_t offset, int64_t rows, int64_t width, acc* mean, acc* m2) const {
     const T* shift = x + offset;
     std::fill(mean, mean + width, acc(0));
     std::fill(m2, m2 + width, acc(0));
@@ -312,10 +356,11 @@ ChannelPair<acc_t<T>> channel_moments(const T* x, const ChannelLayout& layout) {
         m2[j] += d * d;
       }
     }
-  };
-  auto plane_block = [&](int64_t c, int64_t begin, int64_t end) {
+  }
+
+  std::array<acc, 2> plane_block(int64_t c, int64_t begin, int64_t end) const {
     const int64_t first =
-        (begin / layout.inner * channels + c) * layout.inner + begin % layout.inner;
+        (begin / layout.inner * layout.channels + c) * layout.inner + begin % layout.inner;
     const acc shift = static_cast<acc>(x[first]);
     acc shifted_sum = 0;
     for_each_channel_run(layout, c, begin, end, [&](int64_t offset, int64_t length) {
@@ -337,21 +382,22 @@ ChannelPair<acc_t<T>> channel_moments(const T* x, const ChannelLayout& layout) {
       }
       m2 += run_m2;
     });
-    return std::array<acc, 2>{mean, m2};
-  };
-  return reduce_channels<MomentsMerge, acc>(layout, rows_sub_block, plane_block);
-}
+    return {mean, m2};
+  }
+};
 
-// Per-channel sum(dy) and sum(dy * (x - mean)): the backward's reduce sweep.
+// Statistics of the backward: per-channel sum(dy) and sum(dy * (x - mean));
+// wide_mean is the mean widened to a folded row (see widen).
 template <typename T>
-ChannelPair<acc_t<T>> channel_grad_sums(
-    const T* grad_output, const T* x, const acc_t<T>* mean, const ChannelLayout& layout) {
+struct GradSumsSweep {
   using acc = acc_t<T>;
-  const int64_t channels = layout.channels;
-  const std::vector<acc> wide_mean = widen(mean, channels);
-  auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* sum_dy,
-                            acc* sum_dy_xmu) {
-    const acc* mu = wide_mean.data();
+  const T* grad_output;
+  const T* x;
+  const acc* wide_mean;
+  ChannelLayout layout;
+
+  void rows_sub_block(
+      int64_t offset, int64_t rows, int64_t width, acc* sum_dy, acc* sum_dy_xmu) const {
     std::fill(sum_dy, sum_dy + width, acc(0));
     std::fill(sum_dy_xmu, sum_dy_xmu + width, acc(0));
     for (int64_t r = 0; r < rows; ++r) {
@@ -361,13 +407,14 @@ ChannelPair<acc_t<T>> channel_grad_sums(
       for (int64_t j = 0; j < width; ++j) {
         const acc g = static_cast<acc>(dy[j]);
         sum_dy[j] += g;
-        sum_dy_xmu[j] += g * (static_cast<acc>(row[j]) - mu[j]);
+        sum_dy_xmu[j] += g * (static_cast<acc>(row[j]) - wide_mean[j]);
       }
     }
-  };
-  auto plane_block = [&](int64_t c, int64_t begin, int64_t end) {
+  }
+
+  std::array<acc, 2> plane_block(int64_t c, int64_t begin, int64_t end) const {
     std::array<acc, 2> sums{acc(0), acc(0)};
-    const acc mu = mean[c];
+    const acc mu = wide_mean[c];
     for_each_channel_run(layout, c, begin, end, [&](int64_t offset, int64_t length) {
       const T* dy = grad_output + offset;
       const T* run = x + offset;
@@ -382,8 +429,49 @@ ChannelPair<acc_t<T>> channel_grad_sums(
       sums[1] += run_dy_xmu;
     });
     return sums;
+  }
+};
+
+// The reduction sweep and the elementwise sweep of a training forward or a
+// backward. Computes the per-channel statistics pair of `sweep` (a
+// MomentsSweep or GradSumsSweep), hands each channel's to
+// finish_channel(c, first, second) (which fills the per-channel
+// coefficients), then, if `elementwise`, runs the elementwise pass:
+// row(offset, width) / plane_run(offset, length, c) as in
+// parallel_elementwise, with widen_coefficients() called first when the row
+// bodies are about to run. With at least one channel per thread, a
+// plane-layout tensor is done a channel at a time
+// (reduce_and_apply_per_channel); the statistics, and so the output bits, are
+// the same either way.
+template <typename Merge, typename Sweep, typename Finish, typename Widen, typename Row,
+          typename PlaneRun>
+void reduce_then_apply(
+    const Sweep& sweep,
+    const Finish& finish_channel,
+    const Widen& widen_coefficients,
+    bool elementwise,
+    const Row& row,
+    const PlaneRun& plane_run) {
+  using acc = typename Sweep::acc;
+  const ChannelLayout& layout = sweep.layout;
+  auto plane_block = [&](int64_t c, int64_t begin, int64_t end) {
+    return sweep.plane_block(c, begin, end);
   };
-  return reduce_channels<SumsMerge, acc>(layout, rows_sub_block, plane_block);
+  if (layout.inner > 1 && layout.channels >= at::get_num_threads()) {
+    reduce_and_apply_per_channel<Merge, acc>(layout, plane_block, finish_channel, [&](int64_t c) {
+      if (elementwise) for_each_plane_of_channel(layout, c, plane_run);
+    });
+    return;
+  }
+  auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* first, acc* second) {
+    sweep.rows_sub_block(offset, rows, width, first, second);
+  };
+  const auto stats = layout.inner == 1 ? reduce_rows<Merge, acc>(layout, rows_sub_block)
+                                       : reduce_planes<Merge, acc>(layout, plane_block);
+  for (int64_t c = 0; c < layout.channels; ++c) finish_channel(c, stats.first[c], stats.second[c]);
+  if (!elementwise) return;
+  if (layout.inner == 1) widen_coefficients();
+  parallel_elementwise(layout, row, plane_run);
 }
 
 // Forward. Training: normalizes with the batch statistics, writes them to
@@ -410,66 +498,71 @@ void batch_norm_forward(
   const int64_t channels = layout.channels;
   if (channels == 0) return;
   const int64_t count = layout.outer * layout.inner;
-  if (training) {
-    const auto [mean, m2] = channel_moments(input, layout);
-    const acc m = static_cast<acc>(momentum);
-    for (int64_t c = 0; c < channels; ++c) {
-      // An empty batch leaves the running stats as they are (as torch does).
-      const acc var = count > 0 ? m2[c] / static_cast<acc>(count) : acc(0);
-      save_mean[c] = mean[c];
-      save_rstd[c] = acc(1) / std::sqrt(var + static_cast<acc>(eps));
-      if (!running_mean) continue;
-      const acc old_mean = static_cast<acc>(running_mean[c]);
-      const acc old_var = static_cast<acc>(running_var[c]);
-      const acc unbiased_var = count > 1 ? m2[c] / static_cast<acc>(count - 1) : old_var;
-      new_running_mean[c] =
-          static_cast<W>(count > 0 ? (acc(1) - m) * old_mean + m * mean[c] : old_mean);
-      new_running_var[c] =
-          static_cast<W>(count > 0 ? (acc(1) - m) * old_var + m * unbiased_var : old_var);
-    }
-  } else {
-    for (int64_t c = 0; c < channels; ++c) {
-      save_mean[c] = static_cast<acc>(running_mean[c]);
-      save_rstd[c] =
-          acc(1) / std::sqrt(static_cast<acc>(running_var[c]) + static_cast<acc>(eps));
-    }
-  }
 
   // y = (x - mean) * scale + shift; subtracting the mean first keeps a
   // channel with a large mean exact, where x * scale + (shift - mean * scale)
-  // would round x * scale at the mean's magnitude. The coefficients are
-  // widened to the folded row width (their first `channels` entries are the
-  // per-channel values the plane layout reads).
-  std::vector<acc> scale_per_channel(channels), shift_per_channel(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    scale_per_channel[c] = save_rstd[c] * (weight ? static_cast<acc>(weight[c]) : acc(1));
-    shift_per_channel[c] = bias ? static_cast<acc>(bias[c]) : acc(0);
+  // would round x * scale at the mean's magnitude. Per-channel coefficients
+  // (mean, scale, shift), widened to a folded row for the row layout.
+  std::vector<acc> mean(channels), scale(channels), shift(channels);
+  std::vector<acc> wide_mean, wide_scale, wide_shift;
+  auto set_coefficients = [&](int64_t c, acc mu, acc rstd) {
+    save_mean[c] = mu;
+    save_rstd[c] = rstd;
+    mean[c] = mu;
+    scale[c] = rstd * (weight ? static_cast<acc>(weight[c]) : acc(1));
+    shift[c] = bias ? static_cast<acc>(bias[c]) : acc(0);
+  };
+  auto widen_coefficients = [&] {
+    wide_mean = widen(mean.data(), channels);
+    wide_scale = widen(scale.data(), channels);
+    wide_shift = widen(shift.data(), channels);
+  };
+  auto row = [&](int64_t offset, int64_t width) {
+    const T* x = input + offset;
+    T* y = output + offset;
+    const acc* mu = wide_mean.data();
+    const acc* k = wide_scale.data();
+    const acc* b = wide_shift.data();
+#pragma omp simd
+    for (int64_t j = 0; j < width; ++j) {
+      y[j] = static_cast<T>((static_cast<acc>(x[j]) - mu[j]) * k[j] + b[j]);
+    }
+  };
+  auto plane_run = [&](int64_t offset, int64_t length, int64_t c) {
+    const T* x = input + offset;
+    T* y = output + offset;
+    const acc mu = mean[c], k = scale[c], b = shift[c];
+#pragma omp simd
+    for (int64_t j = 0; j < length; ++j) {
+      y[j] = static_cast<T>((static_cast<acc>(x[j]) - mu) * k + b);
+    }
+  };
+
+  if (!training) {
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc var = static_cast<acc>(running_var[c]);
+      set_coefficients(
+          c, static_cast<acc>(running_mean[c]), acc(1) / std::sqrt(var + static_cast<acc>(eps)));
+    }
+    if (layout.inner == 1) widen_coefficients();
+    parallel_elementwise(layout, row, plane_run);
+    return;
   }
-  const auto mean_buffer = widen(save_mean, channels);
-  const auto scale_buffer = widen(scale_per_channel.data(), channels);
-  const auto shift_buffer = widen(shift_per_channel.data(), channels);
-  const acc* mean = mean_buffer.data();
-  const acc* scale = scale_buffer.data();
-  const acc* shift = shift_buffer.data();
-  parallel_elementwise(
-      layout,
-      [&](int64_t offset, int64_t width) {
-        const T* x = input + offset;
-        T* y = output + offset;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          y[j] = static_cast<T>((static_cast<acc>(x[j]) - mean[j]) * scale[j] + shift[j]);
-        }
-      },
-      [&](int64_t offset, int64_t length, int64_t c) {
-        const T* x = input + offset;
-        T* y = output + offset;
-        const acc mu = mean[c], k = scale[c], b = shift[c];
-#pragma omp simd
-        for (int64_t j = 0; j < length; ++j) {
-          y[j] = static_cast<T>((static_cast<acc>(x[j]) - mu) * k + b);
-        }
-      });
+  const acc m = static_cast<acc>(momentum);
+  auto finish_channel = [&](int64_t c, acc mu, acc m2) {
+    const acc var = count > 0 ? m2 / static_cast<acc>(count) : acc(0);
+    set_coefficients(c, mu, acc(1) / std::sqrt(var + static_cast<acc>(eps)));
+    if (!running_mean) return;
+    // An empty batch leaves the running stats as they are (as torch does).
+    const acc old_mean = static_cast<acc>(running_mean[c]);
+    const acc old_var = static_cast<acc>(running_var[c]);
+    const acc unbiased_var = count > 1 ? m2 / static_cast<acc>(count - 1) : old_var;
+    new_running_mean[c] = static_cast<W>(count > 0 ? (acc(1) - m) * old_mean + m * mu : old_mean);
+    new_running_var[c] =
+        static_cast<W>(count > 0 ? (acc(1) - m) * old_var + m * unbiased_var : old_var);
+  };
+  reduce_then_apply<MomentsMerge>(
+      MomentsSweep<T>{input, layout}, finish_channel, widen_coefficients, true, row, plane_run);
 }
 
 // Backward. grad_input, grad_weight and grad_bias may each be null (not asked
@@ -492,79 +585,74 @@ void batch_norm_backward(
   const int64_t channels = layout.channels;
   if (channels == 0) return;
   const int64_t count = layout.outer * layout.inner;
-  const bool need_sums = grad_weight || grad_bias || (grad_input && training);
-  const auto [sum_dy, sum_dy_xmu] = need_sums
-      ? channel_grad_sums(grad_output, input, mean, layout)
-      : ChannelPair<acc>{std::vector<acc>(channels, acc(0)), std::vector<acc>(channels, acc(0))};
-  for (int64_t c = 0; c < channels; ++c) {
-    if (grad_weight) grad_weight[c] = static_cast<W>(sum_dy_xmu[c] * rstd[c]);
-    if (grad_bias) grad_bias[c] = static_cast<W>(sum_dy[c]);
-  }
-  if (!grad_input) return;
+  const acc inv_count = count > 0 ? acc(1) / static_cast<acc>(count) : acc(0);
 
   // dx = dy * dy_scale + (x - mean) * xmu_scale + shift (training), or
-  // dy * dy_scale (eval); coefficients widened as in the forward.
-  std::vector<acc> dy_scale_per_channel(channels), xmu_scale_per_channel(channels),
-      shift_per_channel(channels);
-  const acc inv_count = count > 0 ? acc(1) / static_cast<acc>(count) : acc(0);
-  for (int64_t c = 0; c < channels; ++c) {
+  // dy * dy_scale (eval): per-channel coefficients, widened to a folded row
+  // for the row layout.
+  std::vector<acc> dy_scale(channels), xmu_scale(channels), shift(channels);
+  std::vector<acc> wide_dy_scale, wide_xmu_scale, wide_shift;
+  const std::vector<acc> wide_mean = widen(mean, channels);
+  auto finish_channel = [&](int64_t c, acc sum_dy, acc sum_dy_xmu) {
+    if (grad_weight) grad_weight[c] = static_cast<W>(sum_dy_xmu * rstd[c]);
+    if (grad_bias) grad_bias[c] = static_cast<W>(sum_dy);
     const acc k = rstd[c] * (weight ? static_cast<acc>(weight[c]) : acc(1));
-    dy_scale_per_channel[c] = k;
-    xmu_scale_per_channel[c] = -k * rstd[c] * rstd[c] * sum_dy_xmu[c] * inv_count;
-    shift_per_channel[c] = -k * sum_dy[c] * inv_count;
-  }
-  const auto mean_buffer = widen(mean, channels);
-  const auto dy_scale_buffer = widen(dy_scale_per_channel.data(), channels);
-  const auto xmu_scale_buffer = widen(xmu_scale_per_channel.data(), channels);
-  const auto shift_buffer = widen(shift_per_channel.data(), channels);
-  const acc* mu = mean_buffer.data();
-  const acc* dy_scale = dy_scale_buffer.data();
-  const acc* xmu_scale = xmu_scale_buffer.data();
-  const acc* shift = shift_buffer.data();
-  if (training) {
-    parallel_elementwise(
-        layout,
-        [&](int64_t offset, int64_t width) {
-          const T* dy = grad_output + offset;
-          const T* x = input + offset;
-          T* dx = grad_input + offset;
+    dy_scale[c] = k;
+    xmu_scale[c] = -k * rstd[c] * rstd[c] * sum_dy_xmu * inv_count;
+    shift[c] = -k * sum_dy * inv_count;
+  };
+  auto widen_coefficients = [&] {
+    wide_dy_scale = widen(dy_scale.data(), channels);
+    wide_xmu_scale = widen(xmu_scale.data(), channels);
+    wide_shift = widen(shift.data(), channels);
+  };
+  auto row = [&](int64_t offset, int64_t width) {
+    const T* dy = grad_output + offset;
+    const T* x = input + offset;
+    T* dx = grad_input + offset;
+    const acc* mu = wide_mean.data();
+    const acc* k_dy = wide_dy_scale.data();
+    const acc* k_xmu = wide_xmu_scale.data();
+    const acc* b = wide_shift.data();
+    if (training) {
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j) {
-            dx[j] = static_cast<T>(
-                static_cast<acc>(dy[j]) * dy_scale[j] +
-                (static_cast<acc>(x[j]) - mu[j]) * xmu_scale[j] + shift[j]);
-          }
-        },
-        [&](int64_t offset, int64_t length, int64_t c) {
-          const T* dy = grad_output + offset;
-          const T* x = input + offset;
-          T* dx = grad_input + offset;
-          const acc m = mu[c], k_dy = dy_scale[c], k_xmu = xmu_scale[c], b = shift[c];
+      for (int64_t j = 0; j < width; ++j) {
+        dx[j] = static_cast<T>(
+            static_cast<acc>(dy[j]) * k_dy[j] + (static_cast<acc>(x[j]) - mu[j]) * k_xmu[j] + b[j]);
+      }
+    } else {
 #pragma omp simd
-          for (int64_t j = 0; j < length; ++j) {
-            dx[j] = static_cast<T>(
-                static_cast<acc>(dy[j]) * k_dy + (static_cast<acc>(x[j]) - m) * k_xmu + b);
-          }
-        });
+      for (int64_t j = 0; j < width; ++j) dx[j] = static_cast<T>(static_cast<acc>(dy[j]) * k_dy[j]);
+    }
+  };
+  auto plane_run = [&](int64_t offset, int64_t length, int64_t c) {
+    const T* dy = grad_output + offset;
+    const T* x = input + offset;
+    T* dx = grad_input + offset;
+    const acc mu = mean[c], k_dy = dy_scale[c], k_xmu = xmu_scale[c], b = shift[c];
+    if (training) {
+#pragma omp simd
+      for (int64_t j = 0; j < length; ++j) {
+        dx[j] = static_cast<T>(
+            static_cast<acc>(dy[j]) * k_dy + (static_cast<acc>(x[j]) - mu) * k_xmu + b);
+      }
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < length; ++j) dx[j] = static_cast<T>(static_cast<acc>(dy[j]) * k_dy);
+    }
+  };
+
+  if (grad_weight || grad_bias || (grad_input && training)) {
+    reduce_then_apply<SumsMerge>(
+        GradSumsSweep<T>{grad_output, input, wide_mean.data(), layout}, finish_channel,
+        widen_coefficients, grad_input != nullptr, row, plane_run);
     return;
   }
-  parallel_elementwise(
-      layout,
-      [&](int64_t offset, int64_t width) {
-        const T* dy = grad_output + offset;
-        T* dx = grad_input + offset;
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) {
-          dx[j] = static_cast<T>(static_cast<acc>(dy[j]) * dy_scale[j]);
-        }
-      },
-      [&](int64_t offset, int64_t length, int64_t c) {
-        const T* dy = grad_output + offset;
-        T* dx = grad_input + offset;
-        const acc k_dy = dy_scale[c];
-#pragma omp simd
-        for (int64_t j = 0; j < length; ++j) dx[j] = static_cast<T>(static_cast<acc>(dy[j]) * k_dy);
-      });
+  if (!grad_input) return;
+  // Eval, dx only: no sums needed (the eval dx does not use them).
+  for (int64_t c = 0; c < channels; ++c) finish_channel(c, acc(0), acc(0));
+  if (layout.inner == 1) widen_coefficients();
+  parallel_elementwise(layout, row, plane_run);
 }
 
 } // namespace layernorm_ext::cpu

@@ -146,10 +146,15 @@ void check_batch_norm_backward_args(
   }
 }
 
-bool use_channels_last(const at::Tensor& input) {
-  if (input.is_contiguous()) return false;
-  return (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) ||
-      (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d));
+at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
+  if (input.is_contiguous()) return at::MemoryFormat::Contiguous;
+  if (input.dim() == 4 && input.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return at::MemoryFormat::ChannelsLast;
+  }
+  if (input.dim() == 5 && input.is_contiguous(at::MemoryFormat::ChannelsLast3d)) {
+    return at::MemoryFormat::ChannelsLast3d;
+  }
+  return at::MemoryFormat::Contiguous;
 }
 
 } // namespace layernorm_ext

@@ -112,7 +112,7 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
 
 def output_memory_format(input: torch.Tensor) -> torch.memory_format:
     """The memory format of the ops' outputs (and grad_input): the C++ kernels'
-    use_channels_last rule, a 4-D channels_last or 5-D channels_last_3d input
+    batch_norm_memory_format rule, a 4-D channels_last or 5-D channels_last_3d input
     that is not also plain contiguous keeps its format; anything else gives a
     contiguous tensor."""
     if input.is_contiguous():

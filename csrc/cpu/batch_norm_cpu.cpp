@@ -10,12 +10,7 @@
 namespace layernorm_ext::cpu {
 namespace {
 
-at::MemoryFormat kernel_memory_format(const at::Tensor& input) {
-  if (!use_channels_last(input)) return at::MemoryFormat::Contiguous;
-  return input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-}
-
-// How the kernels see a tensor laid out in kernel_memory_format(input).
+// How the kernels see a tensor laid out in batch_norm_memory_format(input).
 ChannelLayout channel_layout(const ChannelShape& shape, at::MemoryFormat format) {
   if (format != at::MemoryFormat::Contiguous) {
     return {shape.batch * shape.inner, shape.channels, 1};
@@ -48,7 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     double eps) {
   const auto shape =
       check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
-  const auto format = kernel_memory_format(input);
+  const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
   const auto w = optional_contiguous(weight);
   const auto b = optional_contiguous(bias);
@@ -89,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     std::array<bool, 3> output_mask) {
   const auto shape = check_batch_norm_affine_args(input, weight, bias);
   check_batch_norm_backward_args(grad_output, input, save_mean, save_rstd);
-  const auto format = kernel_memory_format(input);
+  const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
   const auto dy = grad_output.contiguous(format);
   const auto w = optional_contiguous(weight);

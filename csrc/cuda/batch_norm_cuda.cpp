@@ -15,12 +15,6 @@
 namespace layernorm_ext::cuda {
 namespace {
 
-// The memory format the kernels and every input-shaped output use.
-at::MemoryFormat kernel_memory_format(const at::Tensor& input) {
-  if (!use_channels_last(input)) return at::MemoryFormat::Contiguous;
-  return input.dim() == 4 ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::ChannelsLast3d;
-}
-
 BatchNormLayout layout_of(const at::Tensor& input, bool channels_last) {
   const int64_t batch = input.size(0);
   const int64_t channels = input.size(1);
@@ -51,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     double eps) {
   check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const auto format = kernel_memory_format(input);
+  const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
   const auto layout = layout_of(x, format != at::MemoryFormat::Contiguous);
   const auto acc_type = accumulate_type(x.scalar_type());
@@ -86,9 +80,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
           current_stream()));
     }
   });
-  // New running statistics in the running statistics' own dtype.
+  // New running statistics in the running statistics' own dtype (the
+  // input's when there are none, as on the CPU and in the fake kernel).
   auto running_dtype = [&](const at::Tensor& t, const std::optional<at::Tensor>& like) {
-    return like.has_value() ? t.to(like->scalar_type()) : t;
+    return t.to(like.has_value() ? like->scalar_type() : input.scalar_type());
   };
   return {output, save_mean, save_rstd, running_dtype(new_mean, running_mean),
           running_dtype(new_var, running_var)};
@@ -103,9 +98,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_impl(
     const at::Tensor& save_rstd,
     bool training,
     std::array<bool, 3> output_mask) {
+  check_batch_norm_affine_args(input, weight, bias);
   check_batch_norm_backward_args(grad_output, input, save_mean, save_rstd);
   const c10::cuda::CUDAGuard device_guard(input.device());
-  const auto format = kernel_memory_format(input);
+  const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
   const auto dy = grad_output.contiguous(format);
   const auto layout = layout_of(x, format != at::MemoryFormat::Contiguous);

@@ -10,6 +10,7 @@ check has passed, so a call that raises leaves the buffers as they were.
 
 import torch
 
+from ._row_norm_autograd import backward_of_backward_2d, statistics_gradient_2d
 from ._shapes import empty_unless, stats_dtype
 
 _ops = torch.ops.layernorm_ext
@@ -157,29 +158,60 @@ def _batch_norm_backward_fake(
     )
 
 
+def _channel_rows(t):
+    """(N, C, *) -> (C, N * prod(*)): one row per channel, the elements it normalizes."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _from_channel_rows(rows, like):
+    return rows.reshape(like.transpose(0, 1).shape).transpose(0, 1)
+
+
+def _column(t):
+    return None if t is None else t.reshape(-1, 1)
+
+
 def _setup_context(ctx, inputs, output):
     input, weight, bias, _, _, training, _, _ = inputs
     _, save_mean, save_rstd, _, _ = output
     ctx.save_for_backward(input, weight, bias, save_mean, save_rstd)
     ctx.training = training
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_new_mean, _grad_new_var):
+def _backward(ctx, grad_output, grad_mean, grad_rstd, _grad_new_mean, _grad_new_var):
     input, weight, bias, save_mean, save_rstd = ctx.saved_tensors
     mask = [
         ctx.needs_input_grad[0],
         weight is not None and ctx.needs_input_grad[1],
         bias is not None and ctx.needs_input_grad[2],
     ]
-    grad_input, grad_weight, grad_bias = _ops.batch_norm_backward(
-        grad_output, input, weight, bias, save_mean, save_rstd, ctx.training, mask
+    grads = [None, None, None]
+    if grad_output is not None:
+        grads = list(
+            _ops.batch_norm_backward(
+                grad_output, input, weight, bias, save_mean, save_rstd, ctx.training, mask
+            )
+        )
+    # In training the returned batch statistics depend on the input.
+    through_stats = (
+        statistics_gradient_2d(
+            _channel_rows(input), _column(save_mean), _column(save_rstd),
+            _column(grad_mean), _column(grad_rstd),
+        )
+        if mask[0] and ctx.training
+        else None
     )
+    if through_stats is not None:
+        through_stats = _from_channel_rows(through_stats, input).to(input.dtype)
+        grads[0] = through_stats if grads[0] is None else grads[0] + through_stats
+    grad_input, grad_weight, grad_bias = (g if wanted else None for g, wanted in zip(grads, mask))
     # The ops return per-channel gradients of shape [C]; a parameter may have
     # any shape of C elements (torch checks the count only).
     return (
-        grad_input if mask[0] else None,
-        grad_weight.view_as(weight) if mask[1] else None,
-        grad_bias.view_as(bias) if mask[2] else None,
+        grad_input,
+        grad_weight.view_as(weight) if grad_weight is not None else None,
+        grad_bias.view_as(bias) if grad_bias is not None else None,
         None,
         None,
         None,
@@ -193,17 +225,64 @@ torch.library.register_autograd(
 )
 
 
-def _double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "layernorm_ext: double backward through batch_norm is not supported (the gradient "
-        "of layernorm_ext::batch_norm_backward is not implemented)"
+def _backward_setup_context(ctx, inputs, output):
+    grad_output, input, weight, _, save_mean, save_rstd, training, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, weight, save_mean, save_rstd)
+    ctx.training = training
+    ctx.output_mask = output_mask
+    ctx.set_materialize_grads(False)
+
+
+def _eval_backward_of_backward(go, x, mean, rstd, weight, gx, gw, gb):
+    """The derivative of the eval backward (grad_input = go * w * rstd with
+    constant statistics), in channel rows, partial in the statistics: None."""
+    acc = rstd.dtype
+    go, x = go.to(acc), x.to(acc)
+    xhat = (x - mean) * rstd
+    scale = rstd * weight.to(acc) if weight is not None else rstd
+    d_go = gx.to(acc) * scale if gx is not None else torch.zeros_like(go)
+    d_x = torch.zeros_like(x)
+    if gw is not None:
+        d_go = d_go + gw.to(acc) * xhat
+        d_x = d_x + gw.to(acc) * go * rstd
+    if gb is not None:
+        d_go = d_go + gb.to(acc)
+    d_weight = (gx.to(acc) * go * rstd).sum(1, keepdim=True) if gx is not None and weight is not None else None
+    return d_go, d_x, None, None, d_weight
+
+
+def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    grad_output, input, weight, save_mean, save_rstd = ctx.saved_tensors
+    gx, gw, gb = (
+        g if wanted else None
+        for g, wanted in zip((grad_grad_input, grad_grad_weight, grad_grad_bias), ctx.output_mask)
+    )
+    rows = (
+        _channel_rows(grad_output),
+        _channel_rows(input),
+        _column(save_mean),
+        _column(save_rstd),
+        _column(weight),
+        None if gx is None else _channel_rows(gx),
+        _column(gw),
+        _column(gb),
+    )
+    if ctx.training:
+        d_go, d_x, d_mean, d_rstd, d_weight = backward_of_backward_2d(True, *rows, param_dim=1)
+    else:
+        d_go, d_x, d_mean, d_rstd, d_weight = _eval_backward_of_backward(*rows)
+    return (
+        _from_channel_rows(d_go, grad_output).to(grad_output.dtype),
+        _from_channel_rows(d_x, input).to(input.dtype),
+        d_weight.reshape(weight.shape).to(weight.dtype) if d_weight is not None else None,
+        None,
+        d_mean.reshape(save_mean.shape) if d_mean is not None else None,
+        d_rstd.reshape(save_rstd.shape) if d_rstd is not None else None,
+        None,
+        None,
     )
 
 
-# Differentiating the backward (double backward, e.g. a gradient penalty) would
-# otherwise warn and silently treat it as constant.
 torch.library.register_autograd(
-    "layernorm_ext::batch_norm_backward",
-    _double_backward,
-    setup_context=lambda ctx, inputs, output: None,
+    "layernorm_ext::batch_norm_backward", _backward_backward, setup_context=_backward_setup_context
 )

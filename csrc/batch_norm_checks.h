@@ -29,6 +29,15 @@ ChannelShape check_batch_norm_args(
     const std::optional<at::Tensor>& running_var,
     bool training);
 
+// Checks the input, weight and bias of a backward call as
+// check_batch_norm_args checks a forward's (no running stats, and no batch
+// size rule: an eval-mode backward may have one value per channel). Returns
+// the channel shape.
+ChannelShape check_batch_norm_affine_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias);
+
 // Checks a backward call against its forward input: grad_output of the
 // input's shape, dtype and device; saved statistics of C elements.
 void check_batch_norm_backward_args(

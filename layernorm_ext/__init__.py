@@ -10,6 +10,7 @@ from ._loader import build_info, ensure_loaded, load_jit
 
 ensure_loaded()
 
+from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm  # noqa: E402
 from .convert import replace_norms  # noqa: E402
 from .layer_norm import LayerNorm, layer_norm  # noqa: E402
 from .rms_norm import RMSNorm, rms_norm  # noqa: E402
@@ -17,8 +18,12 @@ from .rms_norm import RMSNorm, rms_norm  # noqa: E402
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
     "LayerNorm",
     "RMSNorm",
+    "batch_norm",
     "build_info",
     "layer_norm",
     "load_jit",

@@ -23,6 +23,7 @@ docs/batchnorm_init.png) or ``python examples/batchnorm_init.py --quick --out
 """
 
 import argparse
+import math
 import os
 import sys
 
@@ -110,12 +111,13 @@ def plot(results, scales, path, title):
     colors = plt.cm.viridis([i / max(1, len(scales) - 1) for i in range(len(scales))])
     for ax, batch_norm in zip(axes, (False, True)):
         for scale, color in zip(scales, colors):
-            acc = results[(scale, batch_norm)]["accuracies"]
-            ax.plot(range(len(acc)), acc, color=color, lw=2, label=f"init std {scale:g}: {acc[-1]:.1%}")
+            acc, losses = results[(scale, batch_norm)]["accuracies"], results[(scale, batch_norm)]["losses"]
+            diverged = "" if math.isfinite(losses[-1]) else " (loss nan: diverged)"
+            ax.plot(range(len(acc)), acc, color=color, lw=2, label=f"init std {scale:g}: {acc[-1]:.1%}{diverged}")
         ax.axhline(0.1, color="gray", ls=":", lw=1)
         ax.set_title("with our BatchNorm1d" if batch_norm else "without BatchNorm")
         ax.set_xlabel("epoch")
-        ax.legend(loc="lower right", title="final test accuracy")
+        ax.legend(loc="center right", title="final test accuracy")
     axes[0].set_ylabel("test accuracy")
     axes[0].set_ylim(0, 1.02)
     fig.suptitle(title)

@@ -17,7 +17,8 @@ see the same batches; ``layernorm_ext.LayerNorm`` computes the same function
 differences (a few ulps) are then amplified by training, slowly: the curves
 agree to about 1e-4 after a few hundred steps, not bit for bit. The time per
 step (forward, backward and optimizer step of the whole model, median over
-the steps after a warm-up) is printed and shown in the legend; LayerNorm is a
+the steps after a warm-up; the two models take turns step by step, so both
+see the same machine load) is printed and shown in the legend; LayerNorm is a
 small part of the step, so the two times are close.
 
 The training text is examples/data/tiny_text.txt (public domain, see
@@ -45,7 +46,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(os.path.dirname(HERE), "docs")
 TEXT = os.path.join(HERE, "data", "tiny_text.txt")
 
-FULL = dict(steps=300, batch=32, context=64, width=128, heads=4, layers=4)
+FULL = dict(steps=300, batch=32, context=64, width=96, heads=4, layers=3)
 QUICK = dict(steps=25, batch=8, context=32, width=32, heads=2, layers=2)
 
 
@@ -108,30 +109,36 @@ def load_text(path=TEXT):
     return torch.tensor([index[c] for c in text], dtype=torch.long), chars
 
 
-def train(norm, data, vocab, steps, batch, context, width, heads, layers, seed=0, device="cpu", lr=3e-3):
-    """Train a TinyGPT whose LayerNorms are ``norm`` for ``steps`` steps.
-    Returns the model, the training loss of every step and the seconds per step."""
-    torch.manual_seed(seed)
-    model = TinyGPT(vocab, context, width, heads, layers, norm).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+def train(norms, data, vocab, steps, batch, context, width, heads, layers, seed=0, device="cpu", lr=3e-3):
+    """Train one TinyGPT per entry of ``norms`` (name -> LayerNorm class), each
+    from the same seed, for ``steps`` steps on the same batches. The models
+    take turns step by step, so that a machine whose load changes over time
+    (a shared CPU) slows both alike. Returns, per name, the model, the
+    training loss of every step and the seconds of every step."""
+    runs = {}
+    for name, norm in norms.items():
+        torch.manual_seed(seed)
+        model = TinyGPT(vocab, context, width, heads, layers, norm).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        runs[name] = dict(model=model, optimizer=optimizer, losses=[], seconds=[])
     batches = torch.Generator().manual_seed(seed)
-    losses, seconds = [], []
     for _ in range(steps):
         starts = torch.randint(len(data) - context - 1, (batch,), generator=batches)
         window = torch.stack([data[s : s + context + 1] for s in starts]).to(device)
         inputs, targets = window[:, :-1], window[:, 1:]
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        loss = F.cross_entropy(model(inputs).reshape(-1, vocab), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        seconds.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    return model, losses, seconds
+        for run in runs.values():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            loss = F.cross_entropy(run["model"](inputs).reshape(-1, vocab), targets.reshape(-1))
+            run["optimizer"].zero_grad(set_to_none=True)
+            loss.backward()
+            run["optimizer"].step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            run["seconds"].append(time.perf_counter() - start)
+            run["losses"].append(loss.item())
+    return runs
 
 
 @torch.no_grad()
@@ -179,14 +186,14 @@ def run(steps, batch, context, width, heads, layers, out_dir=DOCS, seed=0, devic
     PNG's path."""
     data, chars = load_text()
     shape = dict(steps=steps, batch=batch, context=context, width=width, heads=heads, layers=layers)
-    runs = {}
-    for name, norm in (("torch.nn.LayerNorm", torch.nn.LayerNorm), ("layernorm_ext.LayerNorm", layernorm_ext.LayerNorm)):
-        model, losses, seconds = train(norm, data, len(chars), seed=seed, device=device, **shape)
-        runs[name] = dict(losses=losses, seconds=seconds, ms_per_step=1e3 * step_time(seconds))
+    norms = {"torch.nn.LayerNorm": torch.nn.LayerNorm, "layernorm_ext.LayerNorm": layernorm_ext.LayerNorm}
+    runs = train(norms, data, len(chars), seed=seed, device=device, **shape)
+    for name, r in runs.items():
+        r["ms_per_step"] = 1e3 * step_time(r["seconds"])
         if verbose:
             print(
-                f"{name:>24}: loss {losses[0]:.4f} -> {losses[-1]:.4f}, "
-                f"{runs[name]['ms_per_step']:.1f} ms/step (median)"
+                f"{name:>24}: loss {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}, "
+                f"{r['ms_per_step']:.1f} ms/step (median)"
             )
     max_diff = max(abs(a - b) for a, b in zip(*(r["losses"] for r in runs.values())))
     os.makedirs(out_dir, exist_ok=True)
@@ -199,6 +206,7 @@ def run(steps, batch, context, width, heads, layers, out_dir=DOCS, seed=0, devic
     plot(runs, path, title)
     if verbose:
         print(f"max |loss difference| over {steps} steps: {max_diff:.2e}")
+        model = runs["layernorm_ext.LayerNorm"]["model"]
         print(f"sample from the model with our LayerNorm:\n{sample(model, chars, context, device=device)}")
         print(f"wrote {path}")
     return {"runs": runs, "max_diff": max_diff, "png": path}

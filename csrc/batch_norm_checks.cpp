@@ -36,10 +36,10 @@ ChannelShape channel_shape(const at::Tensor& input) {
   return {input.size(0), input.size(1), inner};
 }
 
-// Per-channel tensors: C elements (torch checks the count, not the shape),
-// on the input's device, of the input's dtype or float32 for a
-// float16/bfloat16 input, and all of one dtype (what torch's CPU kernel
-// accepts).
+// Per-channel tensors, checked in torch's order: C elements (torch checks
+// the count, not the shape), on the input's device, of the input's dtype or
+// float32 for a float16/bfloat16 input, and all of one dtype (what torch's
+// CPU kernel accepts).
 void check_params(
     const at::Tensor& input, int64_t channels, std::initializer_list<NamedParam> params) {
   const NamedParam* first = nullptr;
@@ -68,7 +68,7 @@ void check_params(
     const at::Tensor& f = **first->second;
     TORCH_CHECK(
         t.scalar_type() == f.scalar_type(),
-        "batch_norm: expected weight, bias, running_mean and running_var of one dtype, but got ",
+        "batch_norm: expected running_mean, running_var, weight and bias of one dtype, but got ",
         first->first, " of dtype ", f.scalar_type(), " and ", name, " of dtype ", t.scalar_type());
   }
 }
@@ -88,7 +88,8 @@ ChannelShape check_batch_norm_args(
   // values as N * spatial and lets an empty batch through.
   TORCH_CHECK_VALUE(
       !training || shape.batch * shape.inner != 1,
-      "Expected more than 1 value per channel when training, got input size ", input.sizes());
+      "Expected more than 1 value per channel when training, got input size torch.Size(",
+      input.sizes(), ")");
   if (training) {
     TORCH_CHECK_VALUE(
         running_mean.has_value() == running_var.has_value(),
@@ -99,8 +100,8 @@ ChannelShape check_batch_norm_args(
   }
   check_params(
       input, shape.channels,
-      {{"weight", &weight}, {"bias", &bias}, {"running_mean", &running_mean},
-       {"running_var", &running_var}});
+      {{"running_mean", &running_mean}, {"running_var", &running_var}, {"weight", &weight},
+       {"bias", &bias}});
   return shape;
 }
 

@@ -55,9 +55,7 @@ def _batch_norm_module_forward(self, input):
     """torch.nn's _BatchNorm.forward, except that the counter and the running
     statistics change only after the op has run (and so after every check)."""
     self._check_input_dim(input)
-    tracking = (
-        self.training and self.track_running_stats and self.num_batches_tracked is not None
-    )
+    tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
     if self.momentum is None:
         # Cumulative moving average over the batches seen, this one included.
         factor = 1.0 / float(self.num_batches_tracked + 1) if tracking else 0.0
@@ -192,4 +190,20 @@ def _backward(ctx, grad_output, _grad_mean, _grad_rstd, _grad_new_mean, _grad_ne
 
 torch.library.register_autograd(
     "layernorm_ext::batch_norm_forward", _backward, setup_context=_setup_context
+)
+
+
+def _double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "layernorm_ext: double backward through batch_norm is not supported (the gradient "
+        "of layernorm_ext::batch_norm_backward is not implemented)"
+    )
+
+
+# Differentiating the backward (double backward, e.g. a gradient penalty) would
+# otherwise warn and silently treat it as constant.
+torch.library.register_autograd(
+    "layernorm_ext::batch_norm_backward",
+    _double_backward,
+    setup_context=lambda ctx, inputs, output: None,
 )

@@ -30,17 +30,17 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from sklearn.datasets import load_digits  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
 
-import layernorm_ext  # noqa: E402
+import layernorm_ext
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
-FULL = dict(scales=(1.0, 0.3, 0.1, 0.03, 0.01), epochs=30, hidden=100, depth=5)
-QUICK = dict(scales=(1.0, 0.01), epochs=2, hidden=32, depth=3)
+FULL = {"scales": (1.0, 0.3, 0.1, 0.03, 0.01), "epochs": 30, "hidden": 100, "depth": 5}
+QUICK = {"scales": (1.0, 0.01), "epochs": 2, "hidden": 32, "depth": 3}
 
 
 def digits(device="cpu", test_fraction=0.25, seed=0):
@@ -82,7 +82,18 @@ def accuracy(net, x, y):
     return correct
 
 
-def train(scale, batch_norm, data, epochs, hidden, depth, batch=64, lr=0.05, seed=0, device="cpu"):
+def train(
+    scale,
+    batch_norm,
+    data,
+    epochs,
+    hidden,
+    depth,
+    batch=64,
+    lr=0.05,
+    seed=0,
+    device="cpu",
+):
     """SGD on the training digits; the test accuracy before training and after
     every epoch, and the training loss of every step (inf/nan when it diverged)."""
     (train_x, train_y), (test_x, test_y) = data
@@ -111,9 +122,18 @@ def plot(results, scales, path, title):
     colors = plt.cm.viridis([i / max(1, len(scales) - 1) for i in range(len(scales))])
     for ax, batch_norm in zip(axes, (False, True)):
         for scale, color in zip(scales, colors):
-            acc, losses = results[(scale, batch_norm)]["accuracies"], results[(scale, batch_norm)]["losses"]
+            acc, losses = (
+                results[(scale, batch_norm)]["accuracies"],
+                results[(scale, batch_norm)]["losses"],
+            )
             diverged = "" if math.isfinite(losses[-1]) else " (loss nan: diverged)"
-            ax.plot(range(len(acc)), acc, color=color, lw=2, label=f"init std {scale:g}: {acc[-1]:.1%}{diverged}")
+            ax.plot(
+                range(len(acc)),
+                acc,
+                color=color,
+                lw=2,
+                label=f"init std {scale:g}: {acc[-1]:.1%}{diverged}",
+            )
         ax.axhline(0.1, color="gray", ls=":", lw=1)
         ax.set_title("with our BatchNorm1d" if batch_norm else "without BatchNorm")
         ax.set_xlabel("epoch")
@@ -126,20 +146,24 @@ def plot(results, scales, path, title):
     plt.close(fig)
 
 
-def run(scales, epochs, hidden, depth, out_dir=DOCS, seed=0, device="cpu", verbose=True):
+def run(
+    scales, epochs, hidden, depth, out_dir=DOCS, seed=0, device="cpu", verbose=True
+):
     """The whole example: one training per (scale, with/without BatchNorm),
     printed accuracies, figure. Returns the results and the PNG's path."""
     data = digits(device, seed=seed)
     results = {}
     for batch_norm in (False, True):
         for scale in scales:
-            accuracies, losses = train(scale, batch_norm, data, epochs, hidden, depth, seed=seed, device=device)
+            accuracies, losses = train(
+                scale, batch_norm, data, epochs, hidden, depth, seed=seed, device=device
+            )
             results[(scale, batch_norm)] = {"accuracies": accuracies, "losses": losses}
             if verbose:
                 print(
                     f"{'with' if batch_norm else 'without'} BatchNorm, init std {scale:<5g}: "
                     f"test accuracy {accuracies[0]:.1%} -> "
-                    + " ".join(f"{a:.0%}" for a in accuracies[1::max(1, epochs // 6)])
+                    + " ".join(f"{a:.0%}" for a in accuracies[1 :: max(1, epochs // 6)])
                     + f" -> {accuracies[-1]:.1%}, last loss {losses[-1]:.3g}"
                 )
     os.makedirs(out_dir, exist_ok=True)
@@ -157,8 +181,14 @@ def run(scales, epochs, hidden, depth, out_dir=DOCS, seed=0, device="cpu", verbo
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two scales, two epochs, for the smoke test")
-    parser.add_argument("--out", default=DOCS, help="directory for batchnorm_init.png (default docs/)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="two scales, two epochs, for the smoke test",
+    )
+    parser.add_argument(
+        "--out", default=DOCS, help="directory for batchnorm_init.png (default docs/)"
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return run(out_dir=args.out, device=device, **(QUICK if args.quick else FULL))

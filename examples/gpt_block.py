@@ -36,18 +36,18 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
+import torch.nn.functional as F
 
-import layernorm_ext  # noqa: E402
+import layernorm_ext
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DOCS = os.path.join(os.path.dirname(HERE), "docs")
 TEXT = os.path.join(HERE, "data", "tiny_text.txt")
 
-FULL = dict(steps=300, batch=32, context=64, width=96, heads=4, layers=3)
-QUICK = dict(steps=25, batch=8, context=32, width=32, heads=2, layers=2)
+FULL = {"steps": 300, "batch": 32, "context": 64, "width": 96, "heads": 4, "layers": 3}
+QUICK = {"steps": 25, "batch": 8, "context": 32, "width": 32, "heads": 2, "layers": 2}
 
 
 class CausalSelfAttention(torch.nn.Module):
@@ -60,7 +60,9 @@ class CausalSelfAttention(torch.nn.Module):
     def forward(self, x):
         batch, tokens, width = x.shape
         q, k, v = self.qkv(x).split(width, dim=-1)
-        q, k, v = (t.view(batch, tokens, self.heads, -1).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (
+            t.view(batch, tokens, self.heads, -1).transpose(1, 2) for t in (q, k, v)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(batch, tokens, width))
 
@@ -77,7 +79,9 @@ class Block(torch.nn.Module):
         self.attention = CausalSelfAttention(width, heads)
         self.norm2 = norm(width)
         self.mlp = torch.nn.Sequential(
-            torch.nn.Linear(width, 4 * width), torch.nn.GELU(), torch.nn.Linear(4 * width, width)
+            torch.nn.Linear(width, 4 * width),
+            torch.nn.GELU(),
+            torch.nn.Linear(4 * width, width),
         )
 
     def forward(self, x):
@@ -90,7 +94,9 @@ class TinyGPT(torch.nn.Module):
         super().__init__()
         self.token_embedding = torch.nn.Embedding(vocab, width)
         self.position_embedding = torch.nn.Embedding(context, width)
-        self.blocks = torch.nn.Sequential(*(Block(width, heads, norm) for _ in range(layers)))
+        self.blocks = torch.nn.Sequential(
+            *(Block(width, heads, norm) for _ in range(layers))
+        )
         self.final_norm = norm(width)
         self.head = torch.nn.Linear(width, vocab, bias=False)
 
@@ -109,7 +115,20 @@ def load_text(path=TEXT):
     return torch.tensor([index[c] for c in text], dtype=torch.long), chars
 
 
-def train(norms, data, vocab, steps, batch, context, width, heads, layers, seed=0, device="cpu", lr=3e-3):
+def train(
+    norms,
+    data,
+    vocab,
+    steps,
+    batch,
+    context,
+    width,
+    heads,
+    layers,
+    seed=0,
+    device="cpu",
+    lr=3e-3,
+):
     """Train one TinyGPT per entry of ``norms`` (name -> LayerNorm class), each
     from the same seed, for ``steps`` steps on the same batches. The models
     take turns step by step, so that a machine whose load changes over time
@@ -120,7 +139,12 @@ def train(norms, data, vocab, steps, batch, context, width, heads, layers, seed=
         torch.manual_seed(seed)
         model = TinyGPT(vocab, context, width, heads, layers, norm).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-        runs[name] = dict(model=model, optimizer=optimizer, losses=[], seconds=[])
+        runs[name] = {
+            "model": model,
+            "optimizer": optimizer,
+            "losses": [],
+            "seconds": [],
+        }
     batches = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         starts = torch.randint(len(data) - context - 1, (batch,), generator=batches)
@@ -130,7 +154,9 @@ def train(norms, data, vocab, steps, batch, context, width, heads, layers, seed=
             if device == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            loss = F.cross_entropy(run["model"](inputs).reshape(-1, vocab), targets.reshape(-1))
+            loss = F.cross_entropy(
+                run["model"](inputs).reshape(-1, vocab), targets.reshape(-1)
+            )
             run["optimizer"].zero_grad(set_to_none=True)
             loss.backward()
             run["optimizer"].step()
@@ -148,7 +174,10 @@ def sample(model, chars, context, length=200, seed=0, device="cpu"):
     tokens = torch.tensor([[chars.index("\n")]], device=device)
     for _ in range(length):
         probs = torch.softmax(model(tokens[:, -context:])[0, -1].float().cpu(), dim=-1)
-        tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator).to(device)[None]], 1)
+        tokens = torch.cat(
+            [tokens, torch.multinomial(probs, 1, generator=generator).to(device)[None]],
+            1,
+        )
     return "".join(chars[i] for i in tokens[0, 1:].tolist())
 
 
@@ -156,15 +185,26 @@ def step_time(seconds, warmup=5):
     """Median seconds per step, the first ``warmup`` steps left out. (Not the
     stdlib's statistics.median: examples/statistics.py shadows that module
     when a script in examples/ runs.)"""
-    return torch.tensor(seconds[warmup:] if len(seconds) > warmup else seconds).median().item()
+    return (
+        torch.tensor(seconds[warmup:] if len(seconds) > warmup else seconds)
+        .median()
+        .item()
+    )
 
 
 def plot(runs, path, title):
     """Loss curves of both runs on one axis; their difference on a second one."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
-    styles = {"torch.nn.LayerNorm": dict(lw=3, alpha=0.5), "layernorm_ext.LayerNorm": dict(lw=1, ls="--")}
+    styles = {
+        "torch.nn.LayerNorm": {"lw": 3, "alpha": 0.5},
+        "layernorm_ext.LayerNorm": {"lw": 1, "ls": "--"},
+    }
     for name, run in runs.items():
-        left.plot(run["losses"], label=f"{name}: {run['ms_per_step']:.1f} ms/step", **styles[name])
+        left.plot(
+            run["losses"],
+            label=f"{name}: {run['ms_per_step']:.1f} ms/step",
+            **styles[name],
+        )
     left.set_xlabel("step")
     left.set_ylabel("training loss (cross-entropy, nats/char)")
     left.set_title("loss curves (they coincide)")
@@ -180,13 +220,15 @@ def plot(runs, path, title):
     plt.close(fig)
 
 
-def run(steps, batch, context, width, heads, layers, out_dir=DOCS, seed=0, device="cpu", verbose=True):
-    """The whole example: two trainings, printed numbers, figure. Returns both
-    runs (losses, seconds, ms per step), their largest loss difference and the
-    PNG's path."""
+def run(out_dir=DOCS, seed=0, device="cpu", verbose=True, **shape):
+    """The whole example: two trainings of a model of ``shape`` (the keys of
+    FULL), printed numbers, figure. Returns both runs (losses, seconds, ms
+    per step), their largest loss difference and the PNG's path."""
     data, chars = load_text()
-    shape = dict(steps=steps, batch=batch, context=context, width=width, heads=heads, layers=layers)
-    norms = {"torch.nn.LayerNorm": torch.nn.LayerNorm, "layernorm_ext.LayerNorm": layernorm_ext.LayerNorm}
+    norms = {
+        "torch.nn.LayerNorm": torch.nn.LayerNorm,
+        "layernorm_ext.LayerNorm": layernorm_ext.LayerNorm,
+    }
     runs = train(norms, data, len(chars), seed=seed, device=device, **shape)
     for name, r in runs.items():
         r["ms_per_step"] = 1e3 * step_time(r["seconds"])
@@ -199,24 +241,33 @@ def run(steps, batch, context, width, heads, layers, out_dir=DOCS, seed=0, devic
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "gpt_block.png")
     title = (
-        f"character-level GPT ({layers} pre-norm blocks, width {width}, {heads} heads, context {context}, "
-        f"batch {batch}) on {len(data) / 1024:.0f} KB of text, {device}, {torch.get_num_threads()} threads; "
+        "character-level GPT ({layers} pre-norm blocks, width {width}, {heads} heads, "
+        "context {context}, batch {batch}) on ".format(**shape)
+        + f"{len(data) / 1024:.0f} KB of text, {device}, {torch.get_num_threads()} threads; "
         f"max |loss difference| {max_diff:.1e}"
     )
     plot(runs, path, title)
     if verbose:
-        print(f"max |loss difference| over {steps} steps: {max_diff:.2e}")
+        print(f"max |loss difference| over {shape['steps']} steps: {max_diff:.2e}")
         model = runs["layernorm_ext.LayerNorm"]["model"]
-        print(f"sample from the model with our LayerNorm:\n{sample(model, chars, context, device=device)}")
+        print(
+            f"sample from the model with our LayerNorm:\n{sample(model, chars, shape['context'], device=device)}"
+        )
         print(f"wrote {path}")
     return {"runs": runs, "max_diff": max_diff, "png": path}
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, few steps, for the smoke test")
-    parser.add_argument("--steps", type=int, help="training steps (default 300, 25 with --quick)")
-    parser.add_argument("--out", default=DOCS, help="directory for gpt_block.png (default docs/)")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model, few steps, for the smoke test"
+    )
+    parser.add_argument(
+        "--steps", type=int, help="training steps (default 300, 25 with --quick)"
+    )
+    parser.add_argument(
+        "--out", default=DOCS, help="directory for gpt_block.png (default docs/)"
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shape = dict(QUICK if args.quick else FULL)

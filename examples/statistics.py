@@ -50,10 +50,10 @@ import sys
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-import layernorm_ext  # noqa: E402
+import layernorm_ext
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
 
@@ -86,7 +86,11 @@ def normalize(h):
         after_ln, after_bn = ours_ln(h), ours_bn(h)
         ln_diff = (after_ln - torch_ln(h)).abs().max().item()
         bn_diff = (after_bn - torch_bn(h)).abs().max().item()
-    return after_ln, after_bn, {"layer_norm_vs_torch": ln_diff, "batch_norm_vs_torch": bn_diff}
+    return (
+        after_ln,
+        after_bn,
+        {"layer_norm_vs_torch": ln_diff, "batch_norm_vs_torch": bn_diff},
+    )
 
 
 def moments(t):
@@ -141,42 +145,54 @@ def unbiased_std_difference(features, rows=256, eps=1e-5, seed=0):
     }
 
 
+def scatter_mean_and_var(ax, mean, var, over, xlabel, title):
+    """One panel: a mean and a variance per index, with the targets 0 and 1 drawn."""
+    index = torch.arange(len(mean))
+    ax.plot(index, mean, ".", color="tab:blue", label=f"mean over {over}")
+    ax.plot(index, var, ".", color="tab:red", label=f"var over {over}")
+    ax.axhline(0, color="tab:blue", lw=0.6)
+    ax.axhline(1, color="tab:red", lw=0.6)
+    ax.set_title(title, fontsize=10)
+    ax.set_xlabel(xlabel)
+    ax.legend(loc="best", fontsize=8)
+
+
 def plot(h, after_ln, after_bn, path, sample=0):
     """One figure: rows = histogram, per-feature stats, per-sample stats;
     columns = Linear output, after LayerNorm, after BatchNorm1d."""
-    columns = [("Linear output", h), ("after our LayerNorm", after_ln), ("after our BatchNorm1d", after_bn)]
+    columns = [
+        ("Linear output", h),
+        ("after our LayerNorm", after_ln),
+        ("after our BatchNorm1d", after_bn),
+    ]
     fig, axes = plt.subplots(3, 3, figsize=(15, 11))
     for col, (name, t) in enumerate(columns):
         t = t.detach().float().cpu()
         m = moments(t)
         ax = axes[0, col]
         ax.hist(t.flatten().numpy(), bins=80, color="tab:gray")
-        ax.set_title(f"{name}\nall values: mean {t.mean():.3f}, var {t.var(unbiased=False):.3f}")
+        ax.set_title(
+            f"{name}\nall values: mean {t.mean():.3f}, var {t.var(unbiased=False):.3f}"
+        )
         ax.set_xlabel("value")
 
-        ax = axes[1, col]
-        features = torch.arange(t.shape[1])
-        ax.plot(features, m["feature_mean"], ".", color="tab:blue", label="mean over batch")
-        ax.plot(features, m["feature_var"], ".", color="tab:red", label="var over batch")
-        ax.axhline(0, color="tab:blue", lw=0.6)
-        ax.axhline(1, color="tab:red", lw=0.6)
-        ax.set_title("per feature (across the batch)")
-        ax.set_xlabel("feature index")
-        ax.legend(loc="best", fontsize=8)
-
-        ax = axes[2, col]
-        samples = torch.arange(t.shape[0])
-        ax.plot(samples, m["sample_mean"], ".", color="tab:blue", label="mean over features")
-        ax.plot(samples, m["sample_var"], ".", color="tab:red", label="var over features")
-        ax.axhline(0, color="tab:blue", lw=0.6)
-        ax.axhline(1, color="tab:red", lw=0.6)
-        ax.set_title(
+        scatter_mean_and_var(
+            axes[1, col],
+            m["feature_mean"],
+            m["feature_var"],
+            "batch",
+            "feature index",
+            "per feature (across the batch)",
+        )
+        scatter_mean_and_var(
+            axes[2, col],
+            m["sample_mean"],
+            m["sample_var"],
+            "features",
+            "sample index",
             f"per sample (across features); sample {sample}: "
             f"mean {m['sample_mean'][sample]:.3f}, var {m['sample_var'][sample]:.3f}",
-            fontsize=10,
         )
-        ax.set_xlabel("sample index")
-        ax.legend(loc="best", fontsize=8)
     fig.suptitle(
         "LayerNorm standardizes each sample (bottom row: 0 / 1), "
         "BatchNorm each feature (middle row: 0 / 1)",
@@ -187,26 +203,45 @@ def plot(h, after_ln, after_bn, path, sample=0):
     plt.close(fig)
 
 
-def run(batch=512, in_features=64, out_features=256, out_dir=DOCS, seed=0, device="cpu", verbose=True):
+def run(
+    batch=512,
+    in_features=64,
+    out_features=256,
+    out_dir=DOCS,
+    seed=0,
+    device="cpu",
+    verbose=True,
+):
     """The whole example: activations, normalization, printed numbers, figure.
     Returns the numbers (summaries per stage, differences from torch, the
     hand-written LayerNorm comparison) and the PNG's path."""
     h = activations(batch, in_features, out_features, seed, device)
     after_ln, after_bn, vs_torch = normalize(h)
-    stages = {"linear": summary(h), "layer_norm": summary(after_ln), "batch_norm": summary(after_bn)}
+    stages = {
+        "linear": summary(h),
+        "layer_norm": summary(after_ln),
+        "batch_norm": summary(after_bn),
+    }
     hand = [unbiased_std_difference(n, seed=seed) for n in (5, 16, out_features, 768)]
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "statistics.png")
     plot(h, after_ln, after_bn, path)
     if verbose:
-        print(f"Linear({in_features}, {out_features}) on a batch of {batch} inputs uniform in [0, 1), device {device}")
+        print(
+            f"Linear({in_features}, {out_features}) on a batch of {batch} inputs uniform in [0, 1), device {device}"
+        )
         for stage, numbers in stages.items():
-            print(f"  {stage:>10}: " + ", ".join(f"{k} {v:.2e}" for k, v in numbers.items()))
+            print(
+                f"  {stage:>10}: "
+                + ", ".join(f"{k} {v:.2e}" for k, v in numbers.items())
+            )
         print(
             "  ours vs torch.nn: LayerNorm max |diff| {layer_norm_vs_torch:.1e}, "
             "BatchNorm1d max |diff| {batch_norm_vs_torch:.1e}".format(**vs_torch)
         )
-        print("hand-written LayerNorm (x.std() unbiased, eps added to std**2) / ours, float64:")
+        print(
+            "hand-written LayerNorm (x.std() unbiased, eps added to std**2) / ours, float64:"
+        )
         for r in hand:
             print(
                 f"  N={r['features']:>4}: ratio {r['ratio_mean']:.6f} (min {r['ratio_min']:.6f}, "
@@ -219,12 +254,18 @@ def run(batch=512, in_features=64, out_features=256, out_dir=DOCS, seed=0, devic
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small batch, for the smoke test")
-    parser.add_argument("--out", default=DOCS, help="directory for statistics.png (default docs/)")
+    parser.add_argument(
+        "--quick", action="store_true", help="small batch, for the smoke test"
+    )
+    parser.add_argument(
+        "--out", default=DOCS, help="directory for statistics.png (default docs/)"
+    )
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:
-        return run(batch=64, in_features=16, out_features=32, out_dir=args.out, device=device)
+        return run(
+            batch=64, in_features=16, out_features=32, out_dir=args.out, device=device
+        )
     return run(out_dir=args.out, device=device)
 
 

@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def load_example(name):
     """Import examples/<name>.py by path under a private module name (without
     putting examples/ on sys.path, where statistics.py would shadow the stdlib's)."""
-    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    spec = importlib.util.spec_from_file_location(
+        f"example_{name}", os.path.join(ROOT, "examples", f"{name}.py")
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -38,17 +40,25 @@ def test_statistics_layer_norm_standardizes_samples_batch_norm_features():
     assert bn["feature_mean"].abs().max() < 1e-5
     assert (bn["feature_var"] - 1).abs().max() < 1e-3
     assert (bn["sample_var"] - 1).abs().max() > 0.05
-    assert vs_torch["layer_norm_vs_torch"] < 1e-5 and vs_torch["batch_norm_vs_torch"] < 1e-5
+    assert (
+        vs_torch["layer_norm_vs_torch"] < 1e-5
+        and vs_torch["batch_norm_vs_torch"] < 1e-5
+    )
 
 
 @pytest.mark.parametrize("features", [2, 5, 7, 100])
-def test_statistics_hand_written_layer_norm_is_smaller_by_sqrt_n_minus_1_over_n(features):
+def test_statistics_hand_written_layer_norm_is_smaller_by_sqrt_n_minus_1_over_n(
+    features,
+):
     import layernorm_ext
 
     stats = load_example("statistics")
     eps = 1e-5
     x = torch.randn(64, features, dtype=torch.float64) * 3 + 1
-    hand, ours = stats.hand_written_layer_norm(x, eps), layernorm_ext.layer_norm(x, (features,), eps=eps)
+    hand, ours = (
+        stats.hand_written_layer_norm(x, eps),
+        layernorm_ext.layer_norm(x, (features,), eps=eps),
+    )
     # Exactly: y_hand / y_ours = sqrt((v + eps) / (v * N / (N - 1) + eps)), v the biased variance.
     v = x.var(-1, unbiased=False, keepdim=True)
     exact = torch.sqrt((v + eps) / (v * features / (features - 1) + eps))
@@ -66,10 +76,19 @@ def test_statistics_hand_written_layer_norm_is_smaller_by_sqrt_n_minus_1_over_n(
 
 
 def test_statistics_script_quick_mode_writes_its_png(tmp_path):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
+    )
     done = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "statistics.py"), "--quick", "--out", str(tmp_path)],
+        [
+            sys.executable,
+            os.path.join(ROOT, "examples", "statistics.py"),
+            "--quick",
+            "--out",
+            str(tmp_path),
+        ],
         env=env,
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,
@@ -82,7 +101,7 @@ def test_statistics_script_quick_mode_writes_its_png(tmp_path):
 
 def test_gpt_block_loss_curves_agree_and_decrease(tmp_path):
     gpt = load_example("gpt_block")
-    out = gpt.run(out_dir=str(tmp_path), verbose=False, **dict(gpt.QUICK, steps=20))
+    out = gpt.run(out_dir=str(tmp_path), verbose=False, **{**gpt.QUICK, "steps": 20})
     torch_losses, ours_losses = (r["losses"] for r in out["runs"].values())
     assert len(torch_losses) == len(ours_losses) == 20
     assert all(math.isfinite(v) for v in torch_losses + ours_losses)
@@ -100,7 +119,9 @@ def test_gpt_block_model_uses_the_given_norm():
     gpt = load_example("gpt_block")
     import layernorm_ext
 
-    model = gpt.TinyGPT(vocab=11, context=8, width=16, heads=2, layers=2, norm=layernorm_ext.LayerNorm)
+    model = gpt.TinyGPT(
+        vocab=11, context=8, width=16, heads=2, layers=2, norm=layernorm_ext.LayerNorm
+    )
     norms = [m for m in model.modules() if isinstance(m, torch.nn.LayerNorm)]
     # Two per block (before attention, before the MLP) and one before the head.
     assert len(norms) == 2 * 2 + 1
@@ -112,7 +133,9 @@ def test_batchnorm_init_quick_mode(tmp_path):
     bni = load_example("batchnorm_init")
     out = bni.run(out_dir=str(tmp_path), verbose=False, **bni.QUICK)
     results = out["results"]
-    assert set(results) == {(s, bn) for s in bni.QUICK["scales"] for bn in (False, True)}
+    assert set(results) == {
+        (s, bn) for s in bni.QUICK["scales"] for bn in (False, True)
+    }
     for scale in bni.QUICK["scales"]:
         with_bn = results[(scale, True)]
         assert len(with_bn["accuracies"]) == bni.QUICK["epochs"] + 1
@@ -122,4 +145,6 @@ def test_batchnorm_init_quick_mode(tmp_path):
     # Without BatchNorm, the tiny init scale stalls near chance.
     assert results[(0.01, False)]["accuracies"][-1] < 0.3
     assert os.path.getsize(out["png"]) > 0
-    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in bni.mlp(0.1, True, 8, 2).modules())
+    assert any(
+        isinstance(m, torch.nn.BatchNorm1d) for m in bni.mlp(0.1, True, 8, 2).modules()
+    )

@@ -1,0 +1,50 @@
+// Tensor-level helpers shared by the LayerNorm and RMSNorm CPU ops: the
+// affine parameters and gradient scratch in the shape the row kernels take
+// (row_norm_kernels.h), and the fused residual-add argument check.
+#pragma once
+
+#include "../row_norm_checks.h"
+#include "row_norm_kernels.h"
+
+#include <ATen/ATen.h>
+
+#include <optional>
+
+namespace layernorm_ext::cpu {
+
+// A weight or bias as `cols` contiguous acc_type values: the tensor itself
+// when it already is, a converted copy otherwise, and `fill` (1 for a weight,
+// 0 for a bias, exact no-ops) when the op has none.
+inline at::Tensor param_as_acc(
+    const std::optional<at::Tensor>& param, int64_t cols, at::ScalarType acc_type, double fill) {
+  if (param.has_value()) return param->to(acc_type).contiguous();
+  return at::full({cols}, fill, at::TensorOptions().dtype(acc_type));
+}
+
+// Scratch for the block partial rows of the weight/bias gradients (see
+// RowNormBackwardArgs::partials).
+inline at::Tensor grad_partials(const RowShape& shape, int64_t partial_rows, at::ScalarType acc_type) {
+  const int64_t acc_bytes = static_cast<int64_t>(c10::elementSize(acc_type));
+  const int64_t blocks = partial_rows > 0
+      ? grad_blocks(shape.rows, shape.cols, partial_rows * acc_bytes)
+      : 0;
+  return at::empty({blocks * partial_rows * shape.cols}, at::TensorOptions().dtype(acc_type));
+}
+
+// The fused residual-add ops take input and residual of one shape, dtype and device.
+inline void check_residual(const char* op, const at::Tensor& input, const at::Tensor& residual) {
+  TORCH_CHECK(
+      residual.sizes() == input.sizes(),
+      op, ": expected residual of the input's shape ", input.sizes(),
+      ", but got residual of shape ", residual.sizes());
+  TORCH_CHECK(
+      residual.scalar_type() == input.scalar_type(),
+      op, ": expected residual of the input's dtype ", input.scalar_type(),
+      ", but got residual of dtype ", residual.scalar_type());
+  TORCH_CHECK(
+      residual.device() == input.device(),
+      op, ": expected residual on the input's device ", input.device(),
+      ", but got residual on ", residual.device());
+}
+
+} // namespace layernorm_ext::cpu

@@ -1,0 +1,16 @@
+// The row kernels of row_norm_kernels_impl.h compiled for plain C++ (any CPU), the fallback when neither AVX2 nor AVX-512 is there.
+#include "row_norm_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <vector>
+
+namespace layernorm_ext::cpu::portable {
+#include "simd_vec_portable.h"
+#include "row_norm_kernels_impl.h"
+} // namespace layernorm_ext::cpu::portable

@@ -19,26 +19,80 @@
 // two-pass (mean first, then squared deviations), which stays exact for rows
 // whose mean is large against their spread, unlike E[x^2] - E[x]^2.
 //
-// Backward: one sweep loads x and dy (converted into per-task buffers for
-// half/bfloat16) and sums dy*w and dy*w*(x - mean); a second writes dx and
-// adds the row's terms to its block's weight/bias gradient partial rows. Rows
-// are cut into a number of blocks that depends on the shape alone; a task
-// owns whole blocks, whose partial rows stay in cache while it sums its rows
-// into them in row order; the partials are then added in block order. No
-// atomics, and the bits do not depend on the thread count.
+// Outputs of kStreamBytes or more (too large to stay in cache for their
+// consumer) with 64-byte aligned rows are written with non-temporal stores, which skip the read for
+// ownership of each destination line: a third less memory traffic.
+//
+// Backward: for a group of kRowGroup rows, one sweep per row loads x and dy
+// and sums dy*w and dy*w*(x - mean); then one sweep over the columns writes the group's dx rows
+// and adds their terms to the block's weight/bias gradient partial rows,
+// loading and storing each partial once per group instead of once per row
+// (in row order, so the bits are those of a row-by-row sum). Rows are cut
+// into a number of blocks that depends on the shape alone; a task owns whole
+// blocks, whose partial rows stay in cache while it sums its rows into them;
+// the partials are then added in block order. No atomics, and the bits do not
+// depend on the thread count.
+//
+// Each loop body is written once, as a generic lambda over the vector type:
+// it runs with Vec<acc> over full vectors and with Scalar<acc> (one lane,
+// the same operations and roundings) over the ragged ends.
 
-template <typename acc>
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+constexpr int64_t kStreamAlignment = 64;
+constexpr int64_t kRowGroup = 4;
+
+// One lane with Vec's interface, for the elements that do not fill a Vec.
+template <typename A>
+struct Scalar {
+  static constexpr int64_t kLanes = 1;
+  A v;
+
+  static Scalar broadcast(A a) { return {a}; }
+  template <typename T>
+  static Scalar load(const T* p) {
+    return {static_cast<A>(*p)};
+  }
+  template <typename T>
+  void store(T* p) const {
+    *p = static_cast<T>(v);
+  }
+  template <typename T>
+  void stream(T* p) const {
+    store(p);
+  }
+  A sum() const { return v; }
+};
+template <typename A>
+inline Scalar<A> operator+(Scalar<A> a, Scalar<A> b) { return {a.v + b.v}; }
+template <typename A>
+inline Scalar<A> operator-(Scalar<A> a, Scalar<A> b) { return {a.v - b.v}; }
+template <typename A>
+inline Scalar<A> operator*(Scalar<A> a, Scalar<A> b) { return {a.v * b.v}; }
+template <typename A>
+inline Scalar<A> fma(Scalar<A> a, Scalar<A> b, Scalar<A> c) { return {fma(a.v, b.v, c.v)}; }
+
+template <typename A>
 struct Sums2 {
-  acc first;
-  acc second;
+  A first;
+  A second;
 };
 
-// Sums two series over j in [0, n): vec_terms(j) gives both series' terms for
-// elements [j, j + kLanes) as a pair of Vecs, scalar_terms(j) for one element
-// of the tail. Called once per element, in order, so the terms may also store
+// Calls body(Vec<acc>{}, j) for each full Vec of [0, n), then
+// body(Scalar<acc>{}, j) for each element of the tail.
+template <typename acc, typename Body>
+inline void for_each_vector(int64_t n, const Body& body) {
+  constexpr int64_t L = Vec<acc>::kLanes;
+  const int64_t vec_end = n / L * L;
+  for (int64_t j = 0; j < vec_end; j += L) body(Vec<acc>{}, j);
+  for (int64_t j = vec_end; j < n; ++j) body(Scalar<acc>{}, j);
+}
+
+// Sums two series over j in [0, n): terms(tag, j) gives both series' terms
+// for the elements at j, as a Sums2 of decltype(tag) (Vec<acc> or
+// Scalar<acc>). Called once per element, in order, so terms may also store
 // (conversion buffers). Four accumulators per series hide the add latency.
-template <typename acc, typename VecTerms, typename ScalarTerms>
-inline Sums2<acc> chunked_sums(int64_t n, const VecTerms& vec_terms, const ScalarTerms& scalar_terms) {
+template <typename acc, typename Terms>
+inline Sums2<acc> chunked_sums(int64_t n, const Terms& terms) {
   using V = Vec<acc>;
   constexpr int64_t L = V::kLanes;
   const int64_t n_vec = n - n % L;
@@ -51,44 +105,44 @@ inline Sums2<acc> chunked_sums(int64_t n, const VecTerms& vec_terms, const Scala
     int64_t j = start;
     for (; j + 4 * L <= end; j += 4 * L) {
       for (int k = 0; k < 4; ++k) {
-        const auto terms = vec_terms(j + k * L);
-        first[k] = first[k] + terms.first;
-        second[k] = second[k] + terms.second;
+        const Sums2<V> t = terms(V{}, j + k * L);
+        first[k] = first[k] + t.first;
+        second[k] = second[k] + t.second;
       }
     }
     for (; j < end; j += L) {
-      const auto terms = vec_terms(j);
-      first[0] = first[0] + terms.first;
-      second[0] = second[0] + terms.second;
+      const Sums2<V> t = terms(V{}, j);
+      first[0] = first[0] + t.first;
+      second[0] = second[0] + t.second;
     }
     total_first = total_first + ((first[0] + first[1]) + (first[2] + first[3]));
     total_second = total_second + ((second[0] + second[1]) + (second[2] + second[3]));
   }
   Sums2<acc> sums{total_first.sum(), total_second.sum()};
   for (int64_t j = n_vec; j < n; ++j) {
-    const auto terms = scalar_terms(j);
-    sums.first += terms.first;
-    sums.second += terms.second;
+    const Sums2<Scalar<acc>> t = terms(Scalar<acc>{}, j);
+    sums.first += t.first.v;
+    sums.second += t.second.v;
   }
   return sums;
 }
 
-// Calls vec_body(j) for each full Vec of [0, n), then scalar_body(j) for each
-// element of the tail.
-template <int64_t L, typename VecBody, typename ScalarBody>
-inline void for_each_lane_group(int64_t n, const VecBody& vec_body, const ScalarBody& scalar_body) {
-  const int64_t n_vec = n - n % L;
-  for (int64_t j = 0; j < n_vec; j += L) vec_body(j);
-  for (int64_t j = n_vec; j < n; ++j) scalar_body(j);
+// Whether to write a rows x cols output with non-temporal stores: when it
+// is too large to stay in cache and every row starts on a Vec store boundary
+// (streamed stores need aligned addresses).
+template <typename T>
+inline bool stream_output(const T* output, int64_t rows, int64_t cols) {
+  const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
+  return output != nullptr && rows * row_bytes >= kStreamBytes && row_bytes % kStreamAlignment == 0 &&
+      reinterpret_cast<std::uintptr_t>(output) % kStreamAlignment == 0;
 }
 
 template <bool kCenter, typename T>
 void row_norm_forward(const RowNormForwardArgs<T>& args) {
   using acc = acc_t<T>;
-  using V = Vec<acc>;
-  constexpr int64_t L = V::kLanes;
   constexpr bool kConvert = !std::is_same_v<T, acc>;
   const int64_t cols = args.cols;
+  const bool stream = stream_output(args.output, args.rows, cols);
   at::parallel_for(0, args.rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
     std::vector<acc> buffer(kConvert ? cols : 0);
     for (int64_t r = begin; r < end; ++r) {
@@ -104,9 +158,10 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
         x = res ? sum_out : in;
       }
       // First sweep: x (rounded to T when it is a fused sum, as the separate
-      // add would), stored where needed, and its sum (LayerNorm) or sum of
+      // add would be), stored where needed, and its sum (LayerNorm) or sum of
       // squares (RMSNorm).
-      auto load_x = [&](int64_t j) {
+      const acc first_sum = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+        using V = decltype(tag);
         V v = V::load(in + j);
         if (res) {
           (v + V::load(res + j)).store(sum_out + j);
@@ -114,31 +169,16 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
         }
         if constexpr (kConvert) v.store(buffer.data() + j);
         return Sums2<V>{kCenter ? v : v * v, v};
-      };
-      auto load_x_scalar = [&](int64_t j) {
-        acc v = static_cast<acc>(in[j]);
-        if (res) {
-          sum_out[j] = static_cast<T>(v + static_cast<acc>(res[j]));
-          v = static_cast<acc>(sum_out[j]);
-        }
-        if constexpr (kConvert) buffer[j] = v;
-        return Sums2<acc>{kCenter ? v : v * v, v};
-      };
-      const acc first_sum = chunked_sums<acc>(cols, load_x, load_x_scalar).first;
+      }).first;
       acc mu = 0, var;
       if constexpr (kCenter) {
         mu = first_sum / cols;
         args.mean[r] = mu;
-        const V mu_v = V::broadcast(mu);
-        const Sums2<acc> deviations = chunked_sums<acc>(cols,
-            [&](int64_t j) {
-              const V d = V::load(x + j) - mu_v;
-              return Sums2<V>{d * d, d};
-            },
-            [&](int64_t j) {
-              const acc d = x[j] - mu;
-              return Sums2<acc>{d * d, d};
-            });
+        const Sums2<acc> deviations = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+          using V = decltype(tag);
+          const V d = V::load(x + j) - V::broadcast(mu);
+          return Sums2<V>{d * d, d};
+        });
         // The sum of deviations is zero but for the rounding of mu; taking it
         // out (the corrected two-pass formula) removes that error too.
         var = (deviations.first - deviations.second * deviations.second / cols) / cols;
@@ -148,25 +188,24 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
       const acc rs = acc(1) / std::sqrt(var + static_cast<acc>(args.eps));
       args.rstd[r] = rs;
       T* y = args.output + r * cols;
-      const V mu_v = V::broadcast(mu), rs_v = V::broadcast(rs);
-      for_each_lane_group<L>(cols,
-          [&](int64_t j) {
-            fma((V::load(x + j) - mu_v) * rs_v, V::load(args.weight + j), V::load(args.bias + j))
-                .store(y + j);
-          },
-          [&](int64_t j) {
-            y[j] = static_cast<T>((x[j] - mu) * rs * args.weight[j] + args.bias[j]);
-          });
+      for_each_vector<acc>(cols, [&](auto tag, int64_t j) {
+        using V = decltype(tag);
+        const V out = fma((V::load(x + j) - V::broadcast(mu)) * V::broadcast(rs),
+            V::load(args.weight + j), V::load(args.bias + j));
+        if (stream) {
+          out.stream(y + j);
+        } else {
+          out.store(y + j);
+        }
+      });
     }
+    if (stream) stream_fence();
   });
 }
 
 template <bool kCenter, typename T>
 void row_norm_backward(const RowNormBackwardArgs<T>& args) {
   using acc = acc_t<T>;
-  using V = Vec<acc>;
-  constexpr int64_t L = V::kLanes;
-  constexpr bool kConvert = !std::is_same_v<T, acc>;
   const int64_t rows = args.rows, cols = args.cols;
   const int64_t partial_rows = (args.grad_weight ? 1 : 0) + (args.grad_bias ? 1 : 0);
   // Without parameter gradients, blocks only split the rows for threads.
@@ -174,9 +213,9 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
       ? grad_blocks(rows, cols, partial_rows * static_cast<int64_t>(sizeof(acc)))
       : (rows + grain_rows(cols) - 1) / grain_rows(cols);
   const acc scale = acc(1) / std::max<int64_t>(cols, 1);
+  const bool stream = stream_output(args.grad_input, rows, cols);
 
   at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
-    std::vector<acc> x_buffer(kConvert ? cols : 0), dy_buffer(kConvert ? cols : 0);
     for (int64_t block = block_begin; block < block_end; ++block) {
       // Layout: for block b, its grad_weight partial row then its grad_bias one.
       acc* dweight = args.grad_weight ? args.partials + block * partial_rows * cols : nullptr;
@@ -187,95 +226,76 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
       if (dbias) std::fill(dbias, dbias + cols, acc(0));
       const int64_t row_begin = rows * block / blocks;
       const int64_t row_end = rows * (block + 1) / blocks;
-      for (int64_t r = row_begin; r < row_end; ++r) {
-        const T* x_in = args.input + r * cols;
-        const T* dy_in = args.grad_output + r * cols;
-        const acc* x;
-        const acc* dy;
-        if constexpr (kConvert) {
-          x = x_buffer.data();
-          dy = dy_buffer.data();
-        } else {
-          x = x_in;
-          dy = dy_in;
-        }
-        const acc mu = kCenter ? args.mean[r] : acc(0);
-        const acc rs = args.rstd[r];
-        const V mu_v = V::broadcast(mu);
-        // First sweep: sum of g = dy * w and of g * (x - mean).
-        const Sums2<acc> sums = chunked_sums<acc>(cols,
-            [&](int64_t j) {
-              const V xv = V::load(x_in + j), dyv = V::load(dy_in + j);
-              if constexpr (kConvert) {
-                xv.store(x_buffer.data() + j);
-                dyv.store(dy_buffer.data() + j);
-              }
-              const V g = dyv * V::load(args.weight + j);
-              return Sums2<V>{g, g * (xv - mu_v)};
-            },
-            [&](int64_t j) {
-              const acc xv = static_cast<acc>(x_in[j]), dyv = static_cast<acc>(dy_in[j]);
-              if constexpr (kConvert) {
-                x_buffer[j] = xv;
-                dy_buffer[j] = dyv;
-              }
-              const acc g = dyv * args.weight[j];
-              return Sums2<acc>{g, g * (xv - mu)};
-            });
+      for (int64_t group_begin = row_begin; group_begin < row_end; group_begin += kRowGroup) {
+        const int64_t group = std::min(kRowGroup, row_end - group_begin);
+        // Per row of the group: the constants of
         // dx = rs * (g - (sum_g + xhat * sum_g_xhat) / cols)
-        //    = g * rs - (xhat * dx_xhat + dx_const)
-        const acc sum_g_xhat = sums.second * rs;
-        const acc dx_xhat = rs * scale * sum_g_xhat;
-        const acc dx_const = kCenter ? rs * scale * sums.first : acc(0);
-        const V rs_v = V::broadcast(rs), dx_xhat_v = V::broadcast(dx_xhat),
-                dx_const_v = V::broadcast(dx_const);
-        T* dx = args.grad_input ? args.grad_input + r * cols : nullptr;
-        for_each_lane_group<L>(cols,
-            [&](int64_t j) {
-              const V dyv = V::load(dy + j);
-              const V xhat = (V::load(x + j) - mu_v) * rs_v;
-              if (dx) {
-                const V g = dyv * V::load(args.weight + j);
-                (g * rs_v - fma(xhat, dx_xhat_v, dx_const_v)).store(dx + j);
+        //    = g * rs - (xhat * dx_xhat + dx_const),   g = dy * w.
+        const T* x[kRowGroup];
+        const T* dy[kRowGroup];
+        T* dx[kRowGroup];
+        acc mu[kRowGroup], rs[kRowGroup], dx_xhat[kRowGroup], dx_const[kRowGroup];
+        for (int64_t k = 0; k < group; ++k) {
+          const int64_t r = group_begin + k;
+          x[k] = args.input + r * cols;
+          dy[k] = args.grad_output + r * cols;
+          dx[k] = args.grad_input ? args.grad_input + r * cols : nullptr;
+          mu[k] = kCenter ? args.mean[r] : acc(0);
+          rs[k] = args.rstd[r];
+          // Sums of g and of g * (x - mean).
+          const Sums2<acc> sums = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+            using V = decltype(tag);
+            const V g = V::load(dy[k] + j) * V::load(args.weight + j);
+            return Sums2<V>{g, g * (V::load(x[k] + j) - V::broadcast(mu[k]))};
+          });
+          dx_xhat[k] = rs[k] * scale * (sums.second * rs[k]);
+          dx_const[k] = kCenter ? rs[k] * scale * sums.first : acc(0);
+        }
+        // The group's rows are still in L1/L2: read them again (converting
+        // half/bfloat16 again is cheaper than buffering them as acc_t).
+        for_each_vector<acc>(cols, [&](auto tag, int64_t j) {
+          using V = decltype(tag);
+          const V w = V::load(args.weight + j);
+          V dweight_sum = dweight ? V::load(dweight + j) : V::broadcast(0);
+          V dbias_sum = dbias ? V::load(dbias + j) : V::broadcast(0);
+          for (int64_t k = 0; k < group; ++k) {
+            const V dyv = V::load(dy[k] + j);
+            const V xhat = (V::load(x[k] + j) - V::broadcast(mu[k])) * V::broadcast(rs[k]);
+            if (dx[k]) {
+              const V dxv = dyv * w * V::broadcast(rs[k]) -
+                  fma(xhat, V::broadcast(dx_xhat[k]), V::broadcast(dx_const[k]));
+              if (stream) {
+                dxv.stream(dx[k] + j);
+              } else {
+                dxv.store(dx[k] + j);
               }
-              if (dweight) fma(dyv, xhat, V::load(dweight + j)).store(dweight + j);
-              if (dbias) (V::load(dbias + j) + dyv).store(dbias + j);
-            },
-            [&](int64_t j) {
-              const acc xhat = (x[j] - mu) * rs;
-              if (dx) dx[j] = static_cast<T>(dy[j] * args.weight[j] * rs - (xhat * dx_xhat + dx_const));
-              if (dweight) dweight[j] += dy[j] * xhat;
-              if (dbias) dbias[j] += dy[j];
-            });
+            }
+            dweight_sum = fma(dyv, xhat, dweight_sum);
+            dbias_sum = dbias_sum + dyv;
+          }
+          if (dweight) dweight_sum.store(dweight + j);
+          if (dbias) dbias_sum.store(dbias + j);
+        });
       }
     }
+    if (stream) stream_fence();
   });
 
   if (partial_rows == 0) return;
   // Add the block partials column by column, in block order.
   at::parallel_for(0, cols, grain_rows(blocks), [&](int64_t col_begin, int64_t col_end) {
-    auto add_blocks = [&](auto zero, int64_t j, auto load) {
-      auto dweight = zero, dbias = zero;
+    for_each_vector<acc>(col_end - col_begin, [&](auto tag, int64_t offset) {
+      using V = decltype(tag);
+      const int64_t j = col_begin + offset;
+      V dweight = V::broadcast(0), dbias = V::broadcast(0);
       for (int64_t block = 0; block < blocks; ++block) {
         const acc* partial = args.partials + block * partial_rows * cols + j;
-        if (args.grad_weight) dweight = dweight + load(partial);
-        if (args.grad_bias) dbias = dbias + load(partial + (args.grad_weight ? cols : 0));
+        if (args.grad_weight) dweight = dweight + V::load(partial);
+        if (args.grad_bias) dbias = dbias + V::load(partial + (args.grad_weight ? cols : 0));
       }
-      return Sums2<decltype(zero)>{dweight, dbias};
-    };
-    for_each_lane_group<L>(col_end - col_begin,
-        [&](int64_t offset) {
-          const int64_t j = col_begin + offset;
-          const auto sums = add_blocks(V::broadcast(0), j, [](const acc* p) { return V::load(p); });
-          if (args.grad_weight) sums.first.store(args.grad_weight + j);
-          if (args.grad_bias) sums.second.store(args.grad_bias + j);
-        },
-        [&](int64_t offset) {
-          const int64_t j = col_begin + offset;
-          const auto sums = add_blocks(acc(0), j, [](const acc* p) { return *p; });
-          if (args.grad_weight) args.grad_weight[j] = sums.first;
-          if (args.grad_bias) args.grad_bias[j] = sums.second;
-        });
+      if (args.grad_weight) dweight.store(args.grad_weight + j);
+      if (args.grad_bias) dbias.store(args.grad_bias + j);
+    });
   });
 }
 

@@ -24,6 +24,11 @@ struct Vec {
   void store(T* p) const {
     for (int64_t i = 0; i < kLanes; ++i) p[i] = static_cast<T>(v[i]);
   }
+  // No portable non-temporal store: a plain one.
+  template <typename T>
+  void stream(T* p) const {
+    store(p);
+  }
   // Pairwise, in a fixed order.
   A sum() const {
     A quad[4], pair[2];
@@ -43,3 +48,8 @@ struct Vec {
   // Two roundings: std::fma is a slow library call on CPUs without FMA.
   friend Vec fma(Vec a, Vec b, Vec c) { return a * b + c; }
 };
+
+// Scalar a * b + c, with the vector fma's roundings (for the tails).
+inline float fma(float a, float b, float c) { return a * b + c; }
+inline double fma(double a, double b, double c) { return a * b + c; }
+inline void stream_fence() {}

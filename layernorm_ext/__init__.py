@@ -10,6 +10,7 @@ from ._loader import build_info, ensure_loaded, load_jit
 
 ensure_loaded()
 
+from .convert import replace_norms  # noqa: E402
 from .fused_add import fused_add_layer_norm, fused_add_rms_norm  # noqa: E402
 from .layer_norm import LayerNorm, layer_norm  # noqa: E402
 from .rms_norm import RMSNorm, rms_norm  # noqa: E402
@@ -24,5 +25,6 @@ __all__ = [
     "fused_add_rms_norm",
     "layer_norm",
     "load_jit",
+    "replace_norms",
     "rms_norm",
 ]

@@ -25,3 +25,14 @@ def batch_shape(input: torch.Tensor, normalized_shape) -> tuple:
 def empty_unless(wanted: bool, like: torch.Tensor, shape) -> torch.Tensor:
     """A fake-kernel output: `shape` with `like`'s dtype and device if wanted, else shape [0]."""
     return like.new_empty(tuple(shape) if wanted else (0,))
+
+
+def check_same_device(op: str, input: torch.Tensor, **tensors) -> None:
+    """The device check of the C++ ops, for calls that dispatch to a fake kernel
+    because one tensor is on the meta device while the input is not."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"{op}: expected {name} on the input's device {input.device}, "
+                f"but got {name} on {t.device}"
+            )

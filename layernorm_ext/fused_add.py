@@ -4,13 +4,17 @@
 (``s`` is written once and normalized while in cache), with the fake kernels
 and autograd formulas of the ``layernorm_ext::fused_add_*_forward`` ops.
 
-Backward reuses ``layer_norm_backward`` / ``rms_norm_backward`` on ``s``; the
-gradient of ``s`` (from the norm, plus any from the returned ``s``) goes to
-both ``input`` and ``residual``.
+Backward reuses ``layer_norm_backward`` / ``rms_norm_backward`` on ``s`` (and
+the path through the returned statistics, as the plain ops do); the gradient
+of ``s`` (from the norm, plus any from the returned ``s``) goes to both
+``input`` and ``residual``.
 """
+
+import math
 
 import torch
 
+from ._row_norm_autograd import statistics_gradient
 from ._shapes import batch_shape, normalized_shape_list, stats_dtype
 from .rms_norm import default_rms_eps
 
@@ -67,14 +71,13 @@ def _fused_add_rms_norm_forward_fake(input, residual, normalized_shape, weight, 
     )
 
 
-def _grad_of_sum(ctx, grad_sum_from_norm, grad_sum):
-    """The gradient of s = input + residual, as returned for (input, residual)."""
-    if grad_sum_from_norm is None:
-        grad = grad_sum
-    elif grad_sum is None:
-        grad = grad_sum_from_norm
-    else:
-        grad = grad_sum_from_norm + grad_sum
+def _grad_of_sum(ctx, *parts):
+    """The gradient of s = input + residual (the sum of the parts that are not
+    None), as returned for (input, residual)."""
+    grad = None
+    for part in parts:
+        if part is not None:
+            grad = part if grad is None else grad + part
     return (
         grad if ctx.needs_input_grad[0] else None,
         grad if ctx.needs_input_grad[1] else None,
@@ -86,9 +89,11 @@ def _layer_norm_setup_context(ctx, inputs, output):
     _, sum_, mean, rstd = output
     ctx.save_for_backward(sum_, weight, bias, mean, rstd)
     ctx.normalized_shape = normalized_shape
+    ctx.cols = math.prod(normalized_shape)
+    ctx.set_materialize_grads(False)
 
 
-def _layer_norm_backward(ctx, grad_output, grad_sum, _grad_mean, _grad_rstd):
+def _layer_norm_backward(ctx, grad_output, grad_sum, grad_mean, grad_rstd):
     sum_, weight, bias, mean, rstd = ctx.saved_tensors
     mask = [
         ctx.needs_input_grad[0] or ctx.needs_input_grad[1],
@@ -100,8 +105,11 @@ def _layer_norm_backward(ctx, grad_output, grad_sum, _grad_mean, _grad_rstd):
         grad_from_norm, grad_weight, grad_bias = _ops.layer_norm_backward(
             grad_output, sum_, ctx.normalized_shape, mean, rstd, weight, bias, mask
         )
+    through_stats = (
+        statistics_gradient(sum_, mean, rstd, grad_mean, grad_rstd, ctx.cols) if mask[0] else None
+    )
     grad_input, grad_residual = _grad_of_sum(
-        ctx, grad_from_norm if mask[0] else None, grad_sum
+        ctx, grad_from_norm if mask[0] else None, through_stats, grad_sum
     )
     return (
         grad_input,
@@ -118,9 +126,11 @@ def _rms_norm_setup_context(ctx, inputs, output):
     _, sum_, rstd = output
     ctx.save_for_backward(sum_, weight, rstd)
     ctx.normalized_shape = normalized_shape
+    ctx.cols = math.prod(normalized_shape)
+    ctx.set_materialize_grads(False)
 
 
-def _rms_norm_backward(ctx, grad_output, grad_sum, _grad_rstd):
+def _rms_norm_backward(ctx, grad_output, grad_sum, grad_rstd):
     sum_, weight, rstd = ctx.saved_tensors
     mask = [
         ctx.needs_input_grad[0] or ctx.needs_input_grad[1],
@@ -131,8 +141,11 @@ def _rms_norm_backward(ctx, grad_output, grad_sum, _grad_rstd):
         grad_from_norm, grad_weight = _ops.rms_norm_backward(
             grad_output, sum_, ctx.normalized_shape, rstd, weight, mask
         )
+    through_stats = (
+        statistics_gradient(sum_, None, rstd, None, grad_rstd, ctx.cols) if mask[0] else None
+    )
     grad_input, grad_residual = _grad_of_sum(
-        ctx, grad_from_norm if mask[0] else None, grad_sum
+        ctx, grad_from_norm if mask[0] else None, through_stats, grad_sum
     )
     return (grad_input, grad_residual, None, grad_weight if mask[1] else None, None)
 

@@ -3,9 +3,18 @@
 of the ``layernorm_ext::layer_norm_forward`` / ``layer_norm_backward`` ops.
 """
 
+import math
+
 import torch
 
-from ._shapes import batch_shape, empty_unless, normalized_shape_list, stats_dtype
+from ._row_norm_autograd import backward_of_backward, statistics_gradient
+from ._shapes import (
+    batch_shape,
+    check_same_device,
+    empty_unless,
+    normalized_shape_list,
+    stats_dtype,
+)
 
 _ops = torch.ops.layernorm_ext
 
@@ -39,6 +48,7 @@ class LayerNorm(torch.nn.LayerNorm):
 
 @torch.library.register_fake("layernorm_ext::layer_norm_forward")
 def _layer_norm_forward_fake(input, normalized_shape, weight, bias, eps):
+    check_same_device("layer_norm", input, weight=weight, bias=bias)
     stats = batch_shape(input, normalized_shape)
     dtype = stats_dtype(input.dtype)
     return (
@@ -66,27 +76,56 @@ def _setup_context(ctx, inputs, output):
     _, mean, rstd = output
     ctx.save_for_backward(input, weight, bias, mean, rstd)
     ctx.normalized_shape = normalized_shape
+    ctx.cols = math.prod(normalized_shape)
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_output, _grad_mean, _grad_rstd):
+def _backward(ctx, grad_output, grad_mean, grad_rstd):
     input, weight, bias, mean, rstd = ctx.saved_tensors
     mask = [
         ctx.needs_input_grad[0],
         weight is not None and ctx.needs_input_grad[2],
         bias is not None and ctx.needs_input_grad[3],
     ]
-    grad_input, grad_weight, grad_bias = _ops.layer_norm_backward(
-        grad_output, input, ctx.normalized_shape, mean, rstd, weight, bias, mask
+    grads = [None, None, None]
+    if grad_output is not None:
+        grads = list(
+            _ops.layer_norm_backward(
+                grad_output, input, ctx.normalized_shape, mean, rstd, weight, bias, mask
+            )
+        )
+    through_stats = (
+        statistics_gradient(input, mean, rstd, grad_mean, grad_rstd, ctx.cols) if mask[0] else None
     )
-    return (
-        grad_input if mask[0] else None,
-        None,
-        grad_weight if mask[1] else None,
-        grad_bias if mask[2] else None,
-        None,
+    if through_stats is not None:
+        grads[0] = through_stats if grads[0] is None else grads[0] + through_stats
+    grad_input, grad_weight, grad_bias = (g if wanted else None for g, wanted in zip(grads, mask))
+    return grad_input, None, grad_weight, grad_bias, None
+
+
+def _backward_setup_context(ctx, inputs, output):
+    grad_output, input, normalized_shape, mean, rstd, weight, _, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, mean, rstd, weight)
+    ctx.cols = math.prod(normalized_shape)
+    ctx.output_mask = output_mask
+    ctx.set_materialize_grads(False)
+
+
+def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    grad_output, input, mean, rstd, weight = ctx.saved_tensors
+    incoming = [
+        g if wanted else None
+        for g, wanted in zip((grad_grad_input, grad_grad_weight, grad_grad_bias), ctx.output_mask)
+    ]
+    d_grad_output, d_input, d_mean, d_rstd, d_weight = backward_of_backward(
+        True, grad_output, input, mean, rstd, weight, *incoming, ctx.cols
     )
+    return d_grad_output, d_input, None, d_mean, d_rstd, d_weight, None, None
 
 
 torch.library.register_autograd(
     "layernorm_ext::layer_norm_forward", _backward, setup_context=_setup_context
+)
+torch.library.register_autograd(
+    "layernorm_ext::layer_norm_backward", _backward_backward, setup_context=_backward_setup_context
 )

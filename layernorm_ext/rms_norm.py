@@ -3,9 +3,18 @@ drop-in torch.nn.RMSNorm), with the fake kernels and the autograd formula of
 the ``layernorm_ext::rms_norm_forward`` / ``rms_norm_backward`` ops.
 """
 
+import math
+
 import torch
 
-from ._shapes import batch_shape, empty_unless, normalized_shape_list, stats_dtype
+from ._row_norm_autograd import backward_of_backward, statistics_gradient
+from ._shapes import (
+    batch_shape,
+    check_same_device,
+    empty_unless,
+    normalized_shape_list,
+    stats_dtype,
+)
 
 _ops = torch.ops.layernorm_ext
 
@@ -48,6 +57,7 @@ class RMSNorm(torch.nn.RMSNorm):
 
 @torch.library.register_fake("layernorm_ext::rms_norm_forward")
 def _rms_norm_forward_fake(input, normalized_shape, weight, eps):
+    check_same_device("rms_norm", input, weight=weight)
     stats = batch_shape(input, normalized_shape)
     return input.new_empty(input.shape), input.new_empty(stats, dtype=stats_dtype(input.dtype))
 
@@ -65,17 +75,50 @@ def _setup_context(ctx, inputs, output):
     input, normalized_shape, weight, _ = inputs
     ctx.save_for_backward(input, weight, output[1])
     ctx.normalized_shape = normalized_shape
+    ctx.cols = math.prod(normalized_shape)
+    ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, grad_output, _grad_rstd):
+def _backward(ctx, grad_output, grad_rstd):
     input, weight, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]]
-    grad_input, grad_weight = _ops.rms_norm_backward(
-        grad_output, input, ctx.normalized_shape, rstd, weight, mask
+    grads = [None, None]
+    if grad_output is not None:
+        grads = list(
+            _ops.rms_norm_backward(grad_output, input, ctx.normalized_shape, rstd, weight, mask)
+        )
+    through_stats = (
+        statistics_gradient(input, None, rstd, None, grad_rstd, ctx.cols) if mask[0] else None
     )
-    return (grad_input if mask[0] else None, None, grad_weight if mask[1] else None, None)
+    if through_stats is not None:
+        grads[0] = through_stats if grads[0] is None else grads[0] + through_stats
+    grad_input, grad_weight = (g if wanted else None for g, wanted in zip(grads, mask))
+    return grad_input, None, grad_weight, None
+
+
+def _backward_setup_context(ctx, inputs, output):
+    grad_output, input, normalized_shape, rstd, weight, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, rstd, weight)
+    ctx.cols = math.prod(normalized_shape)
+    ctx.output_mask = output_mask
+    ctx.set_materialize_grads(False)
+
+
+def _backward_backward(ctx, grad_grad_input, grad_grad_weight):
+    grad_output, input, rstd, weight = ctx.saved_tensors
+    incoming = [
+        g if wanted else None
+        for g, wanted in zip((grad_grad_input, grad_grad_weight), ctx.output_mask)
+    ]
+    d_grad_output, d_input, _, d_rstd, d_weight = backward_of_backward(
+        False, grad_output, input, None, rstd, weight, *incoming, None, ctx.cols
+    )
+    return d_grad_output, d_input, None, d_rstd, d_weight, None
 
 
 torch.library.register_autograd(
     "layernorm_ext::rms_norm_forward", _backward, setup_context=_setup_context
+)
+torch.library.register_autograd(
+    "layernorm_ext::rms_norm_backward", _backward_backward, setup_context=_backward_setup_context
 )

@@ -163,3 +163,19 @@ def test_bad_residual_raises_clear_errors():
         layernorm_ext.fused_add_rms_norm(x, torch.randn(2, 8, dtype=torch.float64), (8,))
     with pytest.raises(RuntimeError, match=r"normalized_shape"):
         layernorm_ext.fused_add_layer_norm(x, torch.randn(2, 8), (7,))
+
+
+def test_gradcheck_through_statistics_and_double_backward():
+    x, r, w, b = _gradcheck_inputs(9)
+
+    def layer(x, r, w, b):
+        return torch.ops.layernorm_ext.fused_add_layer_norm_forward(x, r, [4, 6], w, b, 1e-5)
+
+    def rms(x, r, w):
+        return torch.ops.layernorm_ext.fused_add_rms_norm_forward(x, r, [4, 6], w, 1e-6)
+
+    # Every output (mean and rstd too) feeds the checked function.
+    assert torch.autograd.gradcheck(layer, (x, r, w, b))
+    assert torch.autograd.gradcheck(rms, (x, r, w))
+    assert torch.autograd.gradgradcheck(lambda x, r, w, b: layer(x, r, w, b)[0], (x, r, w, b))
+    assert torch.autograd.gradgradcheck(lambda x, r, w: rms(x, r, w)[0], (x, r, w))

@@ -16,8 +16,8 @@
 // sweep loads it (and the residual), writes the fused sum, converts
 // half/bfloat16 to acc into a per-task buffer and sums it, all in one pass;
 // the variance and normalize sweeps then read the row from L1/L2. Variance is
-// two-pass (mean first, then squared deviations), which stays exact for rows
-// whose mean is large against their spread, unlike E[x^2] - E[x]^2.
+// two-pass (a shifted mean first, then squared deviations), which stays exact
+// for rows whose mean is large against their spread, unlike E[x^2] - E[x]^2.
 //
 // Outputs of kStreamBytes or more (too large to stay in cache for their
 // consumer) with 64-byte aligned rows are written with non-temporal stores, which skip the read for
@@ -157,9 +157,16 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
       } else {
         x = res ? sum_out : in;
       }
+      // LayerNorm sums x - x[0], not x: the terms stay of the row's spread,
+      // so the mean stays exact when it is large against that spread.
+      acc shift = 0;
+      if (kCenter && cols > 0) {
+        shift = static_cast<acc>(in[0]);
+        if (res) shift = static_cast<acc>(static_cast<T>(shift + static_cast<acc>(res[0])));
+      }
       // First sweep: x (rounded to T when it is a fused sum, as the separate
-      // add would be), stored where needed, and its sum (LayerNorm) or sum of
-      // squares (RMSNorm).
+      // add would be), stored where needed, and its shifted sum (LayerNorm)
+      // or sum of squares (RMSNorm).
       const acc first_sum = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
         using V = decltype(tag);
         V v = V::load(in + j);
@@ -168,11 +175,12 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
           v = V::load(sum_out + j);
         }
         if constexpr (kConvert) v.store(buffer.data() + j);
-        return Sums2<V>{kCenter ? v : v * v, v};
+        const V term = kCenter ? v - V::broadcast(shift) : v * v;
+        return Sums2<V>{term, term};
       }).first;
       acc mu = 0, var;
       if constexpr (kCenter) {
-        mu = first_sum / cols;
+        mu = shift + first_sum / cols;
         args.mean[r] = mu;
         const Sums2<acc> deviations = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
           using V = decltype(tag);

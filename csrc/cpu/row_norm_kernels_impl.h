@@ -20,12 +20,13 @@
 // for rows whose mean is large against their spread, unlike E[x^2] - E[x]^2.
 //
 // Outputs of kStreamBytes or more (too large to stay in cache for their
-// consumer) with 64-byte aligned rows are written with non-temporal stores, which skip the read for
-// ownership of each destination line: a third less memory traffic.
+// consumer) with 64-byte aligned rows are written with non-temporal stores,
+// which skip the read for ownership of each destination line: a third less
+// memory traffic.
 //
 // Backward: for a group of kRowGroup rows, one sweep per row loads x and dy
-// and sums dy*w and dy*w*(x - mean); then one sweep over the columns writes the group's dx rows
-// and adds their terms to the block's weight/bias gradient partial rows,
+// and sums dy*w and dy*w*(x - mean); then one sweep over the columns writes
+// the group's dx rows and adds their terms to the block's weight/bias gradient partial rows,
 // loading and storing each partial once per group instead of once per row
 // (in row order, so the bits are those of a row-by-row sum). Rows are cut
 // into a number of blocks that depends on the shape alone; a task owns whole

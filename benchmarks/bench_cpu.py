@@ -75,8 +75,9 @@ def _forward_backward(fn, inputs, grad):
 
 
 def row_norm_cases(op, shapes, dtypes):
-    """LayerNorm (vs F.layer_norm) or RMSNorm (vs F.rms_norm) over the last dim."""
-    cases = []
+    """LayerNorm (vs F.layer_norm) or RMSNorm (vs F.rms_norm) over the last dim.
+
+    A generator: each shape's tensors exist only while its cases run."""
     for rows, cols in shapes:
         for dtype in dtypes:
             g = torch.Generator().manual_seed(0)
@@ -98,23 +99,22 @@ def row_norm_cases(op, shapes, dtypes):
             forward = 2 * data + params * param + stats
             # backward: read dy, x, weight, stats; write dx, param grads.
             backward = 3 * data + param + stats + params * param
-            cases.append(Case(op, "forward", dtype, (rows, cols), "rows",
-                              lambda o=ours: o(x, w, b), lambda t=theirs: t(x, w, b), forward))
+            yield Case(op, "forward", dtype, (rows, cols), "rows",
+                       lambda o=ours: o(x, w, b), lambda t=theirs: t(x, w, b), forward)
             xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
             bg = b.clone().requires_grad_() if b is not None else None
-            cases.append(Case(op, "forward+backward", dtype, (rows, cols), "rows",
-                              _forward_backward(ours, (xg, wg, bg), dy),
-                              _forward_backward(theirs, (xg, wg, bg), dy), forward + backward))
-    return cases
+            yield Case(op, "forward+backward", dtype, (rows, cols), "rows",
+                       _forward_backward(ours, (xg, wg, bg), dy),
+                       _forward_backward(theirs, (xg, wg, bg), dy), forward + backward)
 
 
 def batch_norm_cases(dtypes):
-    """BatchNorm training and eval (vs F.batch_norm), NCHW, channels-last and 1d."""
+    """BatchNorm training and eval (vs F.batch_norm), NCHW, channels-last and 1d
+    (a generator, as row_norm_cases)."""
     ours_fn = getattr(layernorm_ext, "batch_norm", None)
     if ours_fn is None:
         print("layernorm_ext.batch_norm is not in this build: batch_norm skipped", file=sys.stderr)
-        return []
-    cases = []
+        return
     for shape, memory_format in BATCH_NORM_SHAPES:
         layout = {torch.channels_last: "NHWC"}.get(memory_format, "NCHW" if len(shape) == 4 else "NC")
         channels = shape[1]
@@ -136,16 +136,15 @@ def batch_norm_cases(dtypes):
             backward = 3 * data + params + 2 * channels * 4 + 2 * channels * 4
             ours_train, torch_train = make(ours_fn, "ours", True), make(F.batch_norm, "torch", True)
             ours_eval, torch_eval = make(ours_fn, "ours", False), make(F.batch_norm, "torch", False)
-            cases.append(Case("batch_norm", "train forward", dtype, shape, layout,
-                              lambda: ours_train(x, w, b), lambda: torch_train(x, w, b), forward))
+            yield Case("batch_norm", "train forward", dtype, shape, layout,
+                       lambda: ours_train(x, w, b), lambda: torch_train(x, w, b), forward)
             xg, wg, bg = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()
-            cases.append(Case("batch_norm", "train forward+backward", dtype, shape, layout,
-                              _forward_backward(ours_train, (xg, wg, bg), dy),
-                              _forward_backward(torch_train, (xg, wg, bg), dy), forward + backward))
-            cases.append(Case("batch_norm", "eval forward", dtype, shape, layout,
-                              lambda: ours_eval(x, w, b), lambda: torch_eval(x, w, b),
-                              2 * data + params + 2 * channels * 4))
-    return cases
+            yield Case("batch_norm", "train forward+backward", dtype, shape, layout,
+                       _forward_backward(ours_train, (xg, wg, bg), dy),
+                       _forward_backward(torch_train, (xg, wg, bg), dy), forward + backward)
+            yield Case("batch_norm", "eval forward", dtype, shape, layout,
+                       lambda: ours_eval(x, w, b), lambda: torch_eval(x, w, b),
+                       2 * data + params + 2 * channels * 4)
 
 
 def copy_of(bytes_moved):
@@ -204,6 +203,7 @@ def label(case):
 
 
 def write_markdown(cases, path, header):
+    cases = sorted(cases, key=lambda c: c.threads)  # stable: one table section per count
     lines = [
         "# layernorm_ext CPU benchmark",
         "",
@@ -227,13 +227,15 @@ def write_markdown(cases, path, header):
             f"{100 * t['copy'] / t['ours']:.0f}% | {100 * t['copy'] / t['torch']:.0f}% |"
         )
     lines += ["", "Geometric mean of speedups:", ""]
-    for op in dict.fromkeys(c.op for c in cases):
+    groups = [(op, (op,)) for op in dict.fromkeys(c.op for c in cases)]
+    groups.append(("layer_norm + rms_norm", ("layer_norm", "rms_norm")))
+    for name, ops in groups:
         for threads in dict.fromkeys(c.threads for c in cases):
             speedups = [c.times["torch"] / c.times["ours"] for c in cases
-                        if c.op == op and c.threads == threads]
+                        if c.op in ops and c.threads == threads]
             if speedups:
                 geo = math.exp(sum(map(math.log, speedups)) / len(speedups))
-                lines.append(f"- {op}, {threads} thread(s): {geo:.2f}x over {len(speedups)} cases "
+                lines.append(f"- {name}, {threads} thread(s): {geo:.2f}x over {len(speedups)} cases "
                              f"(min {min(speedups):.2f}x)")
     path.write_text("\n".join(lines) + "\n")
 
@@ -293,12 +295,12 @@ def main(argv=None):
     shapes = ROW_SHAPES if args.shapes is None else [
         tuple(int(d) for d in s.split("x")) for s in args.shapes.split(",")]
 
-    cases = []
-    for op in ops:
-        if op == "batch_norm":
-            cases += batch_norm_cases([torch.float32])
-        else:
-            cases += row_norm_cases(op, shapes, ROW_DTYPES)
+    def cases():
+        for op in ops:
+            if op == "batch_norm":
+                yield from batch_norm_cases([torch.float32])
+            else:
+                yield from row_norm_cases(op, shapes, ROW_DTYPES)
 
     header = {
         "machine": machine_description(),
@@ -308,9 +310,9 @@ def main(argv=None):
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
     results = []
-    for count in dict.fromkeys(threads):
-        torch.set_num_threads(count)
-        for case in cases:
+    for case in cases():
+        for count in dict.fromkeys(threads):
+            torch.set_num_threads(count)
             timed = Case(**{**case.__dict__, "threads": count, "times": {}})
             timed.times = measure(case, args.budget)
             results.append(timed)

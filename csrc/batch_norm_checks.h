@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
 
 #include <optional>
 
@@ -29,6 +30,15 @@ ChannelShape check_batch_norm_args(
     const std::optional<at::Tensor>& running_var,
     bool training);
 
+// Checks the input, weight and bias of a backward call as
+// check_batch_norm_args checks a forward's (no running stats, and no batch
+// size rule: an eval-mode backward may have one value per channel). Returns
+// the channel shape.
+ChannelShape check_batch_norm_affine_args(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias);
+
 // Checks a backward call against its forward input: grad_output of the
 // input's shape, dtype and device; saved statistics of C elements.
 void check_batch_norm_backward_args(
@@ -37,10 +47,11 @@ void check_batch_norm_backward_args(
     const at::Tensor& save_mean,
     const at::Tensor& save_rstd);
 
-// True when the kernels should run in channels-last order: a 4-D input in
-// torch.channels_last or a 5-D input in torch.channels_last_3d that is not
-// also plain contiguous. Outputs (and grad_input) take the same memory
-// format, and the fake kernels apply the same rule.
-bool use_channels_last(const at::Tensor& input);
+// The memory format the kernels run in: ChannelsLast for a 4-D input in
+// torch.channels_last (ChannelsLast3d for a 5-D input in
+// torch.channels_last_3d) that is not also plain contiguous, else
+// Contiguous. Outputs (and grad_input) take the same memory format, and the
+// fake kernels apply the same rule.
+at::MemoryFormat batch_norm_memory_format(const at::Tensor& input);
 
 } // namespace layernorm_ext

@@ -1,21 +1,90 @@
-"""Autograd formulas shared by the row-wise norms (LayerNorm: center=True,
+"""Autograd formulas shared by the norms (LayerNorm and BatchNorm: center=True,
 RMSNorm: center=False), written in differentiable torch ops so that the
-backward op has its own derivative (double backward, gradient penalties).
+backward ops have their own derivatives (double backward, gradient penalties).
 
-Notation, per row of N elements: xhat = (x - mean) * rstd (mean = 0 without
-centering), g = grad_output * weight, and the backward op computes
+Notation, per group of N elements normalized together (a row of a row norm,
+a channel of BatchNorm in training): xhat = (x - mean) * rstd (mean = 0
+without centering), g = grad_output * weight, and the backward op computes
 
     grad_input  = rstd * (g - a - xhat * b),  a = sum(g) / N (0 without centering),
                                               b = sum(g * xhat) / N
-    grad_weight = sum over rows of grad_output * xhat
-    grad_bias   = sum over rows of grad_output
+    grad_weight = sum of grad_output * xhat over what shares a weight
+    grad_bias   = sum of grad_output over what shares a bias
 
-The backward op takes mean and rstd as inputs, so its derivative below is
-partial in them; the forward op's backward adds the path through the
+The backward ops take mean and rstd as inputs, so their derivatives below are
+partial in them; the forward ops' backward adds the path through the
 statistics (d mean / dx = 1/N, d rstd / dx = -rstd^2 * xhat / N).
 """
 
 import torch
+
+# All formulas work on 2-D views: `rows` groups of `cols` elements, each group
+# normalized by its own mean and rstd (shape (rows, 1)). The affine parameters
+# broadcast against (rows, cols) and their gradients are sums over
+# `param_dim`: 0 for LayerNorm/RMSNorm (one weight per column, shape
+# (1, cols)), 1 for BatchNorm (one weight per channel row, shape (rows, 1)).
+
+
+def statistics_gradient_2d(x, mean, rstd, grad_mean, grad_rstd):
+    """The gradient of x that flows back through mean and rstd (None if none does)."""
+    if grad_mean is None and grad_rstd is None:
+        return None
+    cols = x.shape[1]
+    x = x.to(rstd.dtype)
+    grad = torch.zeros_like(x)
+    if grad_mean is not None:
+        grad = grad + grad_mean / cols
+    if grad_rstd is not None:
+        centered = x - mean if mean is not None else x
+        grad = grad - grad_rstd * rstd.pow(3) * centered / cols
+    return grad
+
+
+def backward_of_backward_2d(center, grad_output, x, mean, rstd, weight, gx, gw, gb, param_dim):
+    """Gradients of the backward op's outputs (grad_input, grad_weight, grad_bias),
+    weighted by their incoming gradients gx, gw, gb (each may be None: zero),
+    with respect to (grad_output, x, mean, rstd, weight): partial in mean and
+    rstd. Returns them in the accumulation dtype, shaped like the 2-D inputs
+    (None for mean when not centering, and for weight when there is none)."""
+    acc = rstd.dtype
+    go = grad_output.to(acc)
+    x = x.to(acc)
+    cols = x.shape[1]
+    mu = mean if center else 0.0
+    xhat = (x - mu) * rstd
+    w = weight.to(acc) if weight is not None else None
+    g = go * w if w is not None else go
+
+    b = (g * xhat).sum(1, keepdim=True) / cols
+    if gx is not None:
+        gx = gx.to(acc)
+        s1 = gx.sum(1, keepdim=True) if center else 0.0
+        s2 = (gx * xhat).sum(1, keepdim=True)
+        d_g = rstd * (gx - s1 / cols - xhat * s2 / cols)
+        d_xhat = rstd * (-g * s2 / cols - b * gx)
+        a = g.sum(1, keepdim=True) / cols if center else 0.0
+        d_rstd = (gx * g).sum(1, keepdim=True) - a * s1 - b * s2
+    else:
+        d_g = torch.zeros_like(g)
+        d_xhat = torch.zeros_like(xhat)
+        d_rstd = torch.zeros_like(rstd)
+    if gw is not None:
+        d_xhat = d_xhat + gw.to(acc) * go
+
+    d_grad_output = d_g * w if w is not None else d_g
+    if gw is not None:
+        d_grad_output = d_grad_output + gw.to(acc) * xhat
+    if gb is not None:
+        d_grad_output = d_grad_output + gb.to(acc)
+    d_x = d_xhat * rstd
+    d_mean = -(d_xhat * rstd).sum(1, keepdim=True) if center else None
+    d_rstd = d_rstd + (d_xhat * (x - mu)).sum(1, keepdim=True)
+    d_weight = (d_g * go).sum(param_dim, keepdim=True) if weight is not None else None
+    return d_grad_output, d_x, d_mean, d_rstd, d_weight
+
+
+# LayerNorm / RMSNorm: rows of the trailing normalized_shape; statistics shaped
+# like the batch dims, parameters like normalized_shape.
 
 
 def _rows(t, cols):
@@ -23,69 +92,35 @@ def _rows(t, cols):
 
 
 def statistics_gradient(input, mean, rstd, grad_mean, grad_rstd, cols):
-    """The input gradient that flows back through mean and rstd (None if none does)."""
-    if grad_mean is None and grad_rstd is None:
-        return None
-    x = _rows(input, cols).to(rstd.dtype)
-    centered = x - mean.reshape(-1, 1) if mean is not None else x
-    grad = torch.zeros_like(x)
-    if grad_mean is not None:
-        grad = grad + grad_mean.reshape(-1, 1) / cols
-    if grad_rstd is not None:
-        r = rstd.reshape(-1, 1)
-        grad = grad - grad_rstd.reshape(-1, 1) * r.pow(3) * centered / cols
-    return grad.reshape(input.shape).to(input.dtype)
+    """The input gradient that flows back through a row norm's mean and rstd."""
+    column = lambda t: None if t is None else t.reshape(-1, 1)  # noqa: E731
+    grad = statistics_gradient_2d(
+        _rows(input, cols), column(mean), column(rstd), column(grad_mean), column(grad_rstd)
+    )
+    return None if grad is None else grad.reshape(input.shape).to(input.dtype)
 
 
 def backward_of_backward(
     center, grad_output, input, mean, rstd, weight, grad_grad_input, grad_grad_weight, grad_grad_bias, cols
 ):
-    """Gradients of the backward op's outputs (grad_input, grad_weight, grad_bias),
-    weighted by their incoming gradients, with respect to (grad_output, input,
-    mean, rstd, weight). Any incoming gradient may be None (zero)."""
-    acc = rstd.dtype
-    go = _rows(grad_output, cols).to(acc)
-    x = _rows(input, cols).to(acc)
-    r = rstd.reshape(-1, 1)
-    mu = mean.reshape(-1, 1) if center else 0.0
-    xhat = (x - mu) * r
-    w = weight.reshape(1, cols).to(acc) if weight is not None else None
-    g = go * w if w is not None else go
-    zero = torch.zeros((), dtype=acc, device=x.device)
-
-    gx = _rows(grad_grad_input, cols).to(acc) if grad_grad_input is not None else None
-    gw = grad_grad_weight.reshape(1, cols).to(acc) if grad_grad_weight is not None else None
-    gb = grad_grad_bias.reshape(1, cols).to(acc) if grad_grad_bias is not None else None
-
-    b = (g * xhat).sum(-1, keepdim=True) / cols
-    # d/d g of sum(gx * grad_input), and d/d xhat of the whole.
-    if gx is not None:
-        s1 = gx.sum(-1, keepdim=True) if center else zero
-        s2 = (gx * xhat).sum(-1, keepdim=True)
-        d_g = r * (gx - s1 / cols - xhat * s2 / cols)
-        d_xhat = r * (-g * s2 / cols - b * gx)
-        a = g.sum(-1, keepdim=True) / cols if center else zero
-        d_rstd_explicit = (gx * g).sum(-1, keepdim=True) - a * s1 - b * s2
-    else:
-        d_g = torch.zeros_like(g)
-        d_xhat = torch.zeros_like(xhat)
-        d_rstd_explicit = torch.zeros_like(r)
-    if gw is not None:
-        d_xhat = d_xhat + gw * go
-
-    d_grad_output = d_g * w if w is not None else d_g
-    if gw is not None:
-        d_grad_output = d_grad_output + gw * xhat
-    if gb is not None:
-        d_grad_output = d_grad_output + gb
-    d_input = d_xhat * r
-    d_mean = -(d_xhat * r).sum(-1) if center else None
-    d_rstd = (d_xhat * (x - mu)).sum(-1) + d_rstd_explicit.squeeze(-1)
-    d_weight = (d_g * go).sum(0).reshape(weight.shape).to(weight.dtype) if weight is not None else None
+    """backward_of_backward_2d for a row norm, in the shapes of its op's arguments."""
+    row = lambda t: None if t is None else t.reshape(1, cols)  # noqa: E731
+    d_grad_output, d_input, d_mean, d_rstd, d_weight = backward_of_backward_2d(
+        center,
+        _rows(grad_output, cols),
+        _rows(input, cols),
+        mean.reshape(-1, 1) if center else None,
+        rstd.reshape(-1, 1),
+        row(weight),
+        None if grad_grad_input is None else _rows(grad_grad_input, cols),
+        row(grad_grad_weight),
+        row(grad_grad_bias),
+        param_dim=0,
+    )
     return (
         d_grad_output.reshape(grad_output.shape).to(grad_output.dtype),
         d_input.reshape(input.shape).to(input.dtype),
         d_mean.reshape(mean.shape) if center else None,
         d_rstd.reshape(rstd.shape),
-        d_weight,
+        d_weight.reshape(weight.shape).to(weight.dtype) if weight is not None else None,
     )

@@ -221,3 +221,20 @@ def test_batch_norms_converted_with_running_stats(training):
         torch.testing.assert_close(ours, theirs, msg=name)
     if training:
         assert int(model.bn1.num_batches_tracked) == 2
+
+
+def test_sync_batch_norm_converted():
+    torch.manual_seed(2)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.SyncBatchNorm(4, momentum=0.2)).double()
+    randomize_parameters(model)
+    reference = copy.deepcopy(model)
+    weight = model[1].weight
+    replace_norms(model)
+    assert type(model[1]) is layernorm_ext.SyncBatchNorm
+    assert model[1].weight is weight and model[1].process_group is None
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    # No process group: both compute a local BatchNorm, in training and in eval.
+    torch.testing.assert_close(model(x), reference(x))
+    torch.testing.assert_close(model[1].running_var, reference[1].running_var)
+    model.eval(), reference.eval()
+    torch.testing.assert_close(model(x), reference(x))

@@ -133,3 +133,22 @@ def test_repeated_calls_do_not_leak():
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # 10^4 calls allocating ~0.5 MB each: a leak would grow the peak by gigabytes.
     assert after - before < 50_000, f"max RSS grew by {after - before} kB"
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_nan_stays_in_its_channel(channels_last):
+    x = torch.randn(4, 5, 3, 3)
+    x[2, 1, 0, 2] = float("nan")
+    x[0, 3, 1, 1] = float("inf")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    running_mean, running_var = torch.zeros(5), torch.ones(5)
+    out = layernorm_ext.batch_norm(x, running_mean, running_var, torch.randn(5), torch.randn(5), training=True)
+    bad = {1, 3}
+    for c in range(5):
+        assert torch.isfinite(out[:, c]).all() == (c not in bad), f"channel {c}"
+        assert torch.isfinite(running_mean[c]) == (c not in bad), f"running_mean {c}"
+    (grad_x,) = torch.autograd.grad(out, x, torch.randn_like(out))
+    for c in range(5):
+        assert torch.isfinite(grad_x[:, c]).all() == (c not in bad), f"grad channel {c}"

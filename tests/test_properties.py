@@ -5,7 +5,7 @@ in float64."""
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import layernorm_ext
@@ -123,3 +123,56 @@ def test_rms_norm_property(case):
         lambda x, w: F.rms_norm(x, normalized_shape, w, eps),
         x, [weight], x.dtype,
     )
+
+
+@st.composite
+def batch_norm_cases(draw):
+    dtype = draw(DTYPES)
+    x = draw(strided_inputs(dtype, min_dims=2, max_dims=5, max_side=6))
+    channels = x.shape[1]
+    assume(channels > 0)  # torch.nn.functional.batch_norm itself fails on zero channels
+    if draw(st.booleans()) and x.dim() in (4, 5):
+        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        x = x.contiguous(memory_format=fmt)
+    training = draw(st.booleans())
+    values_per_channel = x.numel() // max(1, channels)
+    if training and values_per_channel <= 1:
+        training = False  # torch raises there; the error is tested elsewhere
+    param_dtype = draw(st.sampled_from([dtype, torch.float32])) if dtype in (torch.bfloat16, torch.float16) else dtype
+    affine = draw(st.booleans())
+    weight = torch.randn(channels, dtype=torch.float64).to(param_dtype) if affine else None
+    bias = torch.randn(channels, dtype=torch.float64).to(param_dtype) if affine else None
+    tracked = draw(st.booleans()) or not training
+    running_mean = torch.randn(channels, dtype=torch.float64).to(param_dtype) if tracked else None
+    running_var = (torch.rand(channels, dtype=torch.float64) + 0.5).to(param_dtype) if tracked else None
+    momentum = draw(st.sampled_from([0.1, 0.5, 1.0, 0.0]))
+    eps = draw(st.sampled_from([1e-5, 1e-3, 0.1]))
+    return x, weight, bias, running_mean, running_var, training, momentum, eps
+
+
+def channel_condition(x, eps):
+    """row_condition for BatchNorm's groups: the elements of each channel."""
+    if x.numel() == 0:
+        return 1.0
+    rows = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+    spread = (rows.var(-1, unbiased=False) + eps).sqrt()
+    return 1.0 + (rows.mean(-1).abs() / spread).max().item()
+
+
+@SETTINGS
+@given(batch_norm_cases())
+def test_batch_norm_property(case):
+    x, weight, bias, running_mean, running_var, training, momentum, eps = case
+    ours_stats = [None if t is None else t.clone() for t in (running_mean, running_var)]
+    ref_stats = [None if t is None else t.double() for t in (running_mean, running_var)]
+    condition = channel_condition(x, eps) if training else 1.0
+    check_against_float64(
+        lambda x, w, b: layernorm_ext.batch_norm(x, *ours_stats, w, b, training, momentum, eps),
+        lambda x, w, b: F.batch_norm(x, *ref_stats, w, b, training, momentum, eps),
+        x, [weight, bias], x.dtype, condition,
+    )
+    if training and running_mean is not None and x.numel() > 0:
+        for ours, ref in zip(ours_stats, ref_stats):
+            assert ours.dtype == running_mean.dtype
+            tol = TOLERANCE[ours.dtype] * condition
+            torch.testing.assert_close(ours.double(), ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol)

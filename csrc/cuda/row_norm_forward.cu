@@ -1,0 +1,235 @@
+// LayerNorm / RMSNorm forward on CUDA: one template for both (kCenter).
+// Thread mapping: see row_norm_plan.cuh. Every row is read from device memory
+// once and written once; statistics are kept in acc_t<T>.
+#include "row_norm.cuh"
+#include "row_norm_plan.cuh"
+
+namespace layernorm_ext::cuda {
+namespace {
+
+using namespace row_plan;
+
+// y = (x - mean) * rstd * weight + bias for one pack, in the CPU kernel's
+// order of operations.
+template <int kVec, typename T, typename W, typename acc>
+__device__ __forceinline__ Pack<T, kVec> normalize_pack(
+    const Pack<T, kVec>& in, const W* weight, const W* bias, int64_t col, acc mu, acc rs) {
+  Pack<W, kVec> w_pack, b_pack;
+  if (weight) w_pack = load_pack<kVec>(weight + col);
+  if (bias) b_pack = load_pack<kVec>(bias + col);
+  Pack<T, kVec> out;
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) {
+    const acc w = weight ? to_acc(w_pack.v[v]) : acc(1);
+    const acc b = bias ? to_acc(b_pack.v[v]) : acc(0);
+    out.v[v] = from_acc<T>((to_acc(in.v[v]) - mu) * rs * w + b);
+  }
+  return out;
+}
+
+// Short and mid rows. A group of `width` lanes owns a row; lane t of the group
+// holds packs t, t + width, ... in registers (kPacks of them), so that each
+// step of the group reads width * 16 contiguous bytes. The warp walks over
+// its rows grid-stride, all lanes together (the shuffles need every lane,
+// also those whose row is past the end).
+template <bool kCenter, typename T, typename W, int kVec, int kPacks>
+__global__ void __launch_bounds__(kWarpBlockThreads) row_norm_forward_warp_kernel(
+    const T* __restrict__ input,
+    const W* __restrict__ weight,
+    const W* __restrict__ bias,
+    T* __restrict__ output,
+    acc_t<T>* __restrict__ mean,
+    acc_t<T>* __restrict__ rstd,
+    int64_t rows,
+    int cols,
+    int width,
+    acc_t<T> eps) {
+  using acc = acc_t<T>;
+  const int lane = threadIdx.x % kWarpSize;
+  const int lane_in_row = lane % width;
+  const int rows_per_warp = kWarpSize / width;
+  const int64_t warps_per_block = blockDim.x / kWarpSize;
+  const int64_t warp = blockIdx.x * warps_per_block + threadIdx.x / kWarpSize;
+  const int64_t warp_step = gridDim.x * warps_per_block * rows_per_warp;
+  for (int64_t first = warp * rows_per_warp; first < rows; first += warp_step) {
+    const int64_t row = first + lane / width;
+    const bool valid = row < rows;
+    const T* x = input + (valid ? row : 0) * cols;
+    auto col_of = [&](int p) { return (p * width + lane_in_row) * kVec; };
+    auto owns = [&](int p) { return valid && col_of(p) < cols; };
+
+    Pack<T, kVec> row_packs[kPacks];
+    acc sum = 0;
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      if (owns(p)) {
+        row_packs[p] = load_pack<kVec>(x + col_of(p));
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) sum += to_acc(row_packs[p].v[v]);
+      }
+    }
+    const acc mu = kCenter ? group_sum(sum, width) / cols : acc(0);
+    acc squares = 0;
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      if (owns(p)) {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          const acc d = to_acc(row_packs[p].v[v]) - mu;
+          squares += d * d;
+        }
+      }
+    }
+    const acc var = group_sum(squares, width) / cols;
+    const acc rs = acc(1) / sqrt(var + eps);
+    if (valid && lane_in_row == 0) {
+      if constexpr (kCenter) mean[row] = mu;
+      rstd[row] = rs;
+    }
+#pragma unroll
+    for (int p = 0; p < kPacks; ++p) {
+      if (owns(p)) {
+        store_pack<kVec>(
+            output + row * cols + col_of(p),
+            normalize_pack<kVec>(row_packs[p], weight, bias, col_of(p), mu, rs));
+      }
+    }
+  }
+}
+
+// Long rows: a block owns a row (grid-stride over rows); thread i handles
+// packs i, i + blockDim.x, ... With kCached, the first sweep stores each pack
+// in shared memory where the same thread reads it back (no barrier needed),
+// and the variance takes a second sweep over the cached row. Without it (row
+// past the cache), statistics come from one Welford sweep and the normalize
+// sweep re-reads the row, which the block has just pulled through L2.
+template <bool kCenter, typename T, typename W, int kVec, bool kCached>
+__global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
+    const T* __restrict__ input,
+    const W* __restrict__ weight,
+    const W* __restrict__ bias,
+    T* __restrict__ output,
+    acc_t<T>* __restrict__ mean,
+    acc_t<T>* __restrict__ rstd,
+    int64_t rows,
+    int64_t cols,
+    acc_t<T> eps) {
+  using acc = acc_t<T>;
+  extern __shared__ __align__(16) unsigned char cache_bytes[];
+  auto* cache = reinterpret_cast<Pack<T, kVec>*>(cache_bytes);
+  __shared__ acc scratch[kWarpSize];
+  __shared__ Welford<acc> welford_scratch[kWarpSize];
+  const int64_t packs = cols / kVec;
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* x = input + row * cols;
+    acc mu = 0;
+    acc var = 0;
+    if constexpr (kCached) {
+      acc sum[1] = {0};
+      #pragma unroll 4
+      for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+        const auto pack = load_pack<kVec>(x + p * kVec);
+        cache[p] = pack;
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) sum[0] += to_acc(pack.v[v]);
+      }
+      if constexpr (kCenter) {
+        block_sum(sum, scratch);
+        mu = sum[0] / cols;
+      }
+      acc squares[1] = {0};
+      for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) {
+          const acc d = to_acc(cache[p].v[v]) - mu;
+          squares[0] += d * d;
+        }
+      }
+      block_sum(squares, scratch);
+      var = squares[0] / cols;
+    } else if constexpr (kCenter) {
+      Welford<acc> stats{0, 0, 0};
+      #pragma unroll 4
+      for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+        const auto pack = load_pack<kVec>(x + p * kVec);
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) welford_push(stats, to_acc(pack.v[v]));
+      }
+      stats = block_welford(stats, welford_scratch);
+      mu = stats.mean;
+      var = stats.m2 / cols;
+    } else {
+      acc squares[1] = {0};
+      #pragma unroll 4
+      for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+        const auto pack = load_pack<kVec>(x + p * kVec);
+#pragma unroll
+        for (int v = 0; v < kVec; ++v) squares[0] += to_acc(pack.v[v]) * to_acc(pack.v[v]);
+      }
+      block_sum(squares, scratch);
+      var = squares[0] / cols;
+    }
+    const acc rs = acc(1) / sqrt(var + eps);
+    if (threadIdx.x == 0) {
+      if constexpr (kCenter) mean[row] = mu;
+      rstd[row] = rs;
+    }
+    #pragma unroll 4
+    for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+      const auto pack = kCached ? cache[p] : load_pack<kVec>(x + p * kVec);
+      store_pack<kVec>(
+          output + row * cols + p * kVec,
+          normalize_pack<kVec>(pack, weight, bias, p * kVec, mu, rs));
+    }
+  }
+}
+
+template <bool kCenter, typename T, typename W, int kVec>
+cudaError_t launch_forward(
+    const T* input, const W* weight, const W* bias, T* output, acc_t<T>* mean,
+    acc_t<T>* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
+  const auto p = plan(rows, cols, kVec, cols * static_cast<int64_t>(sizeof(T)));
+  const auto eps_acc = static_cast<acc_t<T>>(eps);
+  if (p.warp_path) {
+    return with_lane_packs(p.lane_packs, [&](auto packs) {
+      constexpr int kPacks = kVec > 1 ? decltype(packs)::value : 1;
+      row_norm_forward_warp_kernel<kCenter, T, W, kVec, kPacks>
+          <<<p.blocks, p.threads, 0, stream>>>(
+              input, weight, bias, output, mean, rstd, rows, static_cast<int>(cols), p.width,
+              eps_acc);
+      return cudaGetLastError();
+    });
+  }
+  auto run = [&](auto kernel) {
+    const cudaError_t err = allow_shared_bytes(kernel, p.cache_bytes);
+    if (err != cudaSuccess) return err;
+    kernel<<<p.blocks, p.threads, p.cache_bytes, stream>>>(
+        input, weight, bias, output, mean, rstd, rows, cols, eps_acc);
+    return cudaGetLastError();
+  };
+  return p.cached ? run(row_norm_forward_block_kernel<kCenter, T, W, kVec, true>)
+                  : run(row_norm_forward_block_kernel<kCenter, T, W, kVec, false>);
+}
+
+} // namespace
+
+template <bool kCenter, typename T, typename W>
+cudaError_t row_norm_forward_cuda(
+    const T* input, const W* weight, const W* bias, T* output, acc_t<T>* mean,
+    acc_t<T>* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  constexpr int kVec = kVecOf<T>;
+  constexpr int64_t kParamPackBytes = sizeof(W) * kVec;
+  const bool vectorized = cols % kVec == 0 && is_aligned(input, 16) && is_aligned(output, 16) &&
+      (!weight || is_aligned(weight, kParamPackBytes)) && (!bias || is_aligned(bias, kParamPackBytes));
+  return vectorized
+      ? launch_forward<kCenter, T, W, kVec>(input, weight, bias, output, mean, rstd, rows, cols, eps, stream)
+      : launch_forward<kCenter, T, W, 1>(input, weight, bias, output, mean, rstd, rows, cols, eps, stream);
+}
+
+#define LAYERNORM_EXT_ROW_NORM_ARGS(T, W, acc) \
+  const T*, const W*, const W*, T*, acc*, acc*, int64_t, int64_t, double, cudaStream_t
+LAYERNORM_EXT_INSTANTIATE_ROW_NORM(row_norm_forward_cuda)
+#undef LAYERNORM_EXT_ROW_NORM_ARGS
+
+} // namespace layernorm_ext::cuda

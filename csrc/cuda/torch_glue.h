@@ -1,0 +1,56 @@
+// Helpers shared by the torch glue of the CUDA ops (*_cuda.cpp): the CUDA
+// type of each torch scalar type, and the device guard / stream / error check
+// every op runs its launches under.
+#pragma once
+
+#include "../cpu/dispatch.h"
+
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <optional>
+
+namespace layernorm_ext::cuda {
+
+// at::Half and at::BFloat16 have the layout of __half and __nv_bfloat16, so
+// tensor data is handed to the kernels through reinterpret_cast.
+template <typename T>
+struct CudaType {
+  using type = T;
+};
+template <>
+struct CudaType<at::Half> {
+  using type = __half;
+};
+template <>
+struct CudaType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+template <typename T>
+using cuda_t = typename CudaType<T>::type;
+
+template <typename T>
+const cuda_t<T>* cuda_data(const at::Tensor& t) {
+  return reinterpret_cast<const cuda_t<T>*>(t.const_data_ptr<T>());
+}
+
+template <typename T>
+cuda_t<T>* cuda_mutable_data(at::Tensor& t) {
+  return reinterpret_cast<cuda_t<T>*>(t.mutable_data_ptr<T>());
+}
+
+// Typed device pointer of an optional tensor, or nullptr when it is absent.
+template <typename T>
+const cuda_t<T>* optional_cuda_data(const std::optional<at::Tensor>& t) {
+  return reinterpret_cast<const cuda_t<T>*>(cpu::optional_data<T>(t));
+}
+
+// The stream the current (guarded) device's kernels run on.
+inline cudaStream_t current_stream() {
+  return c10::cuda::getCurrentCUDAStream().stream();
+}
+
+} // namespace layernorm_ext::cuda

@@ -1,0 +1,288 @@
+"""BatchNorm: ``batch_norm`` (as torch.nn.functional.batch_norm) and
+``BatchNorm1d`` / ``BatchNorm2d`` / ``BatchNorm3d`` (drop-ins for torch.nn's),
+with the fake kernels and the autograd formula of the
+``layernorm_ext::batch_norm_forward`` / ``batch_norm_backward`` ops.
+
+The ops never mutate: ``batch_norm_forward`` returns the updated running
+statistics and :func:`batch_norm` copies them into the buffers, after every
+check has passed, so a call that raises leaves the buffers as they were.
+"""
+
+import torch
+
+from ._row_norm_autograd import backward_of_backward_2d, statistics_gradient_2d
+from ._shapes import empty_unless, stats_dtype
+
+_ops = torch.ops.layernorm_ext
+
+
+def batch_norm(
+    input,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+):
+    """Batch normalization of an ``(N, C, *)`` input (2 to 5 dims), per channel.
+
+    Same contract as :func:`torch.nn.functional.batch_norm`: in training the
+    input is normalized with its own per-channel mean and *biased* variance
+    (over N and the spatial dims), and ``running_mean`` / ``running_var``,
+    when given, are updated in place to ``(1 - momentum) * running +
+    momentum * batch`` (the variance with the *unbiased* batch variance); in
+    eval the running statistics normalize. ``weight`` and ``bias`` (shape
+    ``[C]``) are optional. float16/bfloat16 inputs are computed in float32;
+    their weight, bias and running statistics may be float32. A
+    channels-last input gives a channels-last output.
+    """
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    output, _, _, new_mean, new_var = _ops.batch_norm_forward(
+        input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
+    )
+    if training and running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_mean.view_as(running_mean))
+            running_var.copy_(new_var.view_as(running_var))
+    return output
+
+
+def _batch_norm_module_forward(self, input):
+    """torch.nn's _BatchNorm.forward, except that the counter and the running
+    statistics change only after the op has run (and so after every check)."""
+    self._check_input_dim(input)
+    tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
+    if self.momentum is None:
+        # Cumulative moving average over the batches seen, this one included.
+        factor = 1.0 / float(self.num_batches_tracked + 1) if tracking else 0.0
+    else:
+        factor = self.momentum
+    # Batch statistics normalize in training, and in eval without buffers;
+    # the buffers are passed when they are read (eval) or updated (tracking).
+    use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+    pass_buffers = not self.training or self.track_running_stats
+    output = batch_norm(
+        input,
+        self.running_mean if pass_buffers else None,
+        self.running_var if pass_buffers else None,
+        self.weight,
+        self.bias,
+        use_batch_stats,
+        factor,
+        self.eps,
+    )
+    if tracking:
+        self.num_batches_tracked.add_(1)
+    return output
+
+
+class BatchNorm1d(torch.nn.BatchNorm1d):
+    """Drop-in for :class:`torch.nn.BatchNorm1d` (``(N, C)`` or ``(N, C, L)`` input),
+    computed by layernorm_ext's kernels.
+
+    A subclass of torch.nn.BatchNorm1d: same arguments, defaults, parameters
+    and buffers (``weight``, ``bias``, ``running_mean``, ``running_var``,
+    ``num_batches_tracked``), ``state_dict`` keys both ways, input checks and
+    ``repr``; ``momentum=None`` keeps a cumulative average. Unlike torch's, a
+    call that raises leaves ``num_batches_tracked`` unchanged.
+    """
+
+    forward = _batch_norm_module_forward
+
+
+class BatchNorm2d(torch.nn.BatchNorm2d):
+    """Drop-in for :class:`torch.nn.BatchNorm2d` (``(N, C, H, W)`` input), computed by
+    layernorm_ext's kernels; see :class:`BatchNorm1d`. A ``torch.channels_last``
+    input gives a channels-last output."""
+
+    forward = _batch_norm_module_forward
+
+
+class BatchNorm3d(torch.nn.BatchNorm3d):
+    """Drop-in for :class:`torch.nn.BatchNorm3d` (``(N, C, D, H, W)`` input), computed
+    by layernorm_ext's kernels; see :class:`BatchNorm1d`. A
+    ``torch.channels_last_3d`` input gives a channels-last-3d output."""
+
+    forward = _batch_norm_module_forward
+
+
+def output_memory_format(input: torch.Tensor) -> torch.memory_format:
+    """The memory format of the ops' outputs (and grad_input): the C++ kernels'
+    batch_norm_memory_format rule, a 4-D channels_last or 5-D channels_last_3d input
+    that is not also plain contiguous keeps its format; anything else gives a
+    contiguous tensor."""
+    if input.is_contiguous():
+        return torch.contiguous_format
+    if input.dim() == 4 and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@torch.library.register_fake("layernorm_ext::batch_norm_forward")
+def _batch_norm_forward_fake(
+    input, weight, bias, running_mean, running_var, training, momentum, eps
+):
+    channels = input.shape[1]
+    dtype = stats_dtype(input.dtype)
+    update = training and running_mean is not None
+    running_like = running_mean if running_mean is not None else input
+    return (
+        torch.empty_like(input, memory_format=output_memory_format(input)),
+        input.new_empty((channels,), dtype=dtype),
+        input.new_empty((channels,), dtype=dtype),
+        empty_unless(update, running_like, (channels,)),
+        empty_unless(update, running_like, (channels,)),
+    )
+
+
+@torch.library.register_fake("layernorm_ext::batch_norm_backward")
+def _batch_norm_backward_fake(
+    grad_output, input, weight, bias, save_mean, save_rstd, training, output_mask
+):
+    channels = input.shape[1]
+    weight_like = weight if weight is not None else input
+    bias_like = bias if bias is not None else weight_like
+    return (
+        torch.empty_like(input, memory_format=output_memory_format(input))
+        if output_mask[0]
+        else input.new_empty((0,)),
+        empty_unless(output_mask[1] and weight is not None, weight_like, (channels,)),
+        empty_unless(output_mask[2] and bias is not None, bias_like, (channels,)),
+    )
+
+
+def _channel_rows(t):
+    """(N, C, *) -> (C, N * prod(*)): one row per channel, the elements it normalizes."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
+def _from_channel_rows(rows, like):
+    return rows.reshape(like.transpose(0, 1).shape).transpose(0, 1)
+
+
+def _column(t):
+    return None if t is None else t.reshape(-1, 1)
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, _, _, training, _, _ = inputs
+    _, save_mean, save_rstd, _, _ = output
+    ctx.save_for_backward(input, weight, bias, save_mean, save_rstd)
+    ctx.training = training
+    ctx.set_materialize_grads(False)
+
+
+def _backward(ctx, grad_output, grad_mean, grad_rstd, _grad_new_mean, _grad_new_var):
+    input, weight, bias, save_mean, save_rstd = ctx.saved_tensors
+    mask = [
+        ctx.needs_input_grad[0],
+        weight is not None and ctx.needs_input_grad[1],
+        bias is not None and ctx.needs_input_grad[2],
+    ]
+    grads = [None, None, None]
+    if grad_output is not None:
+        grads = list(
+            _ops.batch_norm_backward(
+                grad_output, input, weight, bias, save_mean, save_rstd, ctx.training, mask
+            )
+        )
+    # In training the returned batch statistics depend on the input.
+    through_stats = (
+        statistics_gradient_2d(
+            _channel_rows(input), _column(save_mean), _column(save_rstd),
+            _column(grad_mean), _column(grad_rstd),
+        )
+        if mask[0] and ctx.training
+        else None
+    )
+    if through_stats is not None:
+        through_stats = _from_channel_rows(through_stats, input).to(input.dtype)
+        grads[0] = through_stats if grads[0] is None else grads[0] + through_stats
+    grad_input, grad_weight, grad_bias = (g if wanted else None for g, wanted in zip(grads, mask))
+    # The ops return per-channel gradients of shape [C]; a parameter may have
+    # any shape of C elements (torch checks the count only).
+    return (
+        grad_input,
+        grad_weight.view_as(weight) if grad_weight is not None else None,
+        grad_bias.view_as(bias) if grad_bias is not None else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "layernorm_ext::batch_norm_forward", _backward, setup_context=_setup_context
+)
+
+
+def _backward_setup_context(ctx, inputs, output):
+    grad_output, input, weight, _, save_mean, save_rstd, training, output_mask = inputs
+    ctx.save_for_backward(grad_output, input, weight, save_mean, save_rstd)
+    ctx.training = training
+    ctx.output_mask = output_mask
+    ctx.set_materialize_grads(False)
+
+
+def _eval_backward_of_backward(go, x, mean, rstd, weight, gx, gw, gb):
+    """The derivative of the eval backward (grad_input = go * w * rstd with
+    constant statistics), in channel rows, partial in the statistics: None."""
+    acc = rstd.dtype
+    go, x = go.to(acc), x.to(acc)
+    xhat = (x - mean) * rstd
+    scale = rstd * weight.to(acc) if weight is not None else rstd
+    d_go = gx.to(acc) * scale if gx is not None else torch.zeros_like(go)
+    d_x = torch.zeros_like(x)
+    if gw is not None:
+        d_go = d_go + gw.to(acc) * xhat
+        d_x = d_x + gw.to(acc) * go * rstd
+    if gb is not None:
+        d_go = d_go + gb.to(acc)
+    d_weight = (gx.to(acc) * go * rstd).sum(1, keepdim=True) if gx is not None and weight is not None else None
+    return d_go, d_x, None, None, d_weight
+
+
+def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    grad_output, input, weight, save_mean, save_rstd = ctx.saved_tensors
+    gx, gw, gb = (
+        g if wanted else None
+        for g, wanted in zip((grad_grad_input, grad_grad_weight, grad_grad_bias), ctx.output_mask)
+    )
+    rows = (
+        _channel_rows(grad_output),
+        _channel_rows(input),
+        _column(save_mean),
+        _column(save_rstd),
+        _column(weight),
+        None if gx is None else _channel_rows(gx),
+        _column(gw),
+        _column(gb),
+    )
+    if ctx.training:
+        d_go, d_x, d_mean, d_rstd, d_weight = backward_of_backward_2d(True, *rows, param_dim=1)
+    else:
+        d_go, d_x, d_mean, d_rstd, d_weight = _eval_backward_of_backward(*rows)
+    return (
+        _from_channel_rows(d_go, grad_output).to(grad_output.dtype),
+        _from_channel_rows(d_x, input).to(input.dtype),
+        d_weight.reshape(weight.shape).to(weight.dtype) if d_weight is not None else None,
+        None,
+        d_mean.reshape(save_mean.shape) if d_mean is not None else None,
+        d_rstd.reshape(save_rstd.shape) if d_rstd is not None else None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    "layernorm_ext::batch_norm_backward", _backward_backward, setup_context=_backward_setup_context
+)

@@ -1,0 +1,510 @@
+"""CUDA kernels of layernorm_ext against float64 references, the CPU kernels,
+gradcheck, and the layouts, sizes, streams and devices they must handle.
+
+Runs only where a GPU is usable and the extension was built with its CUDA
+kernels; elsewhere every test is skipped with the reason.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layernorm_ext
+
+_ops = torch.ops.layernorm_ext
+
+pytestmark = pytest.mark.skipif(
+    not (torch.cuda.is_available() and layernorm_ext.build_info()["cuda"]),
+    reason="needs a CUDA GPU and layernorm_ext built with its CUDA kernels "
+    f"(torch.cuda.is_available()={torch.cuda.is_available()}, "
+    f"build_info()['cuda']={layernorm_ext.build_info()['cuda']})",
+)
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+# ||out - ref|| / ||ref|| allowed per dtype (fp32 accumulation for 16-bit types).
+TOL = {
+    torch.float32: 1e-5,
+    torch.float64: 1e-13,
+    torch.float16: 2e-3,
+    torch.bfloat16: 1.5e-2,
+}
+COLS = [1, 7, 1000, 4096, 65537]
+
+
+def rel_err(out, ref):
+    out, ref = out.double().cpu(), ref.double().cpu()
+    assert torch.isfinite(out).all(), "non-finite values in the output"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close_rel(out, ref, dtype, what=""):
+    assert out.shape == ref.shape, (
+        f"{what}: shape {tuple(out.shape)} != {tuple(ref.shape)}"
+    )
+    err = rel_err(out, ref)
+    assert err <= TOL[dtype], (
+        f"{what}: relative error {err:.3e} > {TOL[dtype]:.1e} ({dtype})"
+    )
+
+
+def poison_allocator(device="cuda", nbytes=1 << 28):
+    """Fills cached device memory with NaN, so an output element that a kernel
+    forgets to write shows up as NaN rather than as a stale plausible value."""
+    torch.cuda.synchronize(device)
+    free = torch.cuda.mem_get_info(device)[0]
+    junk = torch.full((min(nbytes, free // 4) // 4,), float("nan"), device=device)
+    del junk
+
+
+def rows_for(cols):
+    return 37 if cols <= 4096 else 3
+
+
+def param_dtypes(dtype):
+    return (
+        [dtype, torch.float32] if dtype in (torch.float16, torch.bfloat16) else [dtype]
+    )
+
+
+def row_case(dtype, param_dtype, cols, batch=None, affine=True, seed=0):
+    g = torch.Generator().manual_seed(seed + cols)
+    batch = batch or (rows_for(cols),)
+    x = torch.randn(*batch, cols, generator=g, dtype=torch.float64) * 2 + 0.5
+    w = torch.randn(cols, generator=g, dtype=torch.float64) if affine else None
+    b = torch.randn(cols, generator=g, dtype=torch.float64) if affine else None
+    dy = torch.randn(*batch, cols, generator=g, dtype=torch.float64)
+    cast = lambda t, d: None if t is None else t.to(d).cuda()
+    return cast(x, dtype), cast(w, param_dtype), cast(b, param_dtype), cast(dy, dtype)
+
+
+def reference_row_norm(kind, x, w, b, dy, eps):
+    """float64 forward and gradients of the same (rounded) inputs."""
+    x64 = x.double().requires_grad_()
+    w64 = None if w is None else w.double().requires_grad_()
+    b64 = None if b is None else b.double().requires_grad_()
+    shape = [x.shape[-1]]
+    if kind == "layer_norm":
+        y = F.layer_norm(x64, shape, w64, b64, eps)
+    else:
+        y = F.rms_norm(x64, shape, w64, eps)
+    inputs = [
+        t for t in (x64, w64, b64 if kind == "layer_norm" else None) if t is not None
+    ]
+    grads = torch.autograd.grad(y, inputs, dy.double())
+    return y.detach(), grads
+
+
+def run_row_norm(kind, x, w, b, dy, eps, mask=(True, True, True)):
+    shape = [x.shape[-1]]
+    if kind == "layer_norm":
+        y, mean, rstd = _ops.layer_norm_forward(x, shape, w, b, eps)
+        grads = _ops.layer_norm_backward(dy, x, shape, mean, rstd, w, b, list(mask))
+        return y, (mean, rstd), grads
+    y, rstd = _ops.rms_norm_forward(x, shape, w, eps)
+    grads = _ops.rms_norm_backward(dy, x, shape, rstd, w, list(mask[:2]))
+    return y, (rstd,), grads
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", COLS)
+def test_row_norm_matches_float64(kind, dtype, cols):
+    for param_dtype in param_dtypes(dtype):
+        for affine in (True, False):
+            x, w, b, dy = row_case(dtype, param_dtype, cols, affine=affine)
+            poison_allocator()
+            y, stats, grads = run_row_norm(kind, x, w, b, dy, 1e-5)
+            ref_y, ref_grads = reference_row_norm(kind, x, w, b, dy, 1e-5)
+            what = f"{kind} cols={cols} param={param_dtype} affine={affine}"
+            assert y.dtype == dtype and y.shape == x.shape
+            assert_close_rel(y, ref_y, dtype, what + " output")
+            stat_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+            assert all(s.dtype == stat_dtype and s.shape == x.shape[:-1] for s in stats)
+            assert_close_rel(grads[0], ref_grads[0], dtype, what + " grad_input")
+            if affine:
+                assert grads[1].dtype == param_dtype
+                assert_close_rel(grads[1], ref_grads[1], dtype, what + " grad_weight")
+                if kind == "layer_norm":
+                    assert grads[2].dtype == param_dtype
+                    assert_close_rel(grads[2], ref_grads[2], dtype, what + " grad_bias")
+            else:
+                assert all(g.shape == (0,) for g in grads[1:])
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_row_norm_statistics(kind):
+    x, w, b, _ = row_case(torch.float32, torch.float32, 1000)
+    x = (
+        x + 1000.0
+    )  # a large mean against a unit spread: a naive E[x^2] - E[x]^2 loses it
+    x64 = x.double()
+    if kind == "layer_norm":
+        _, mean, rstd = _ops.layer_norm_forward(x, [1000], w, b, 1e-5)
+        torch.testing.assert_close(mean.double(), x64.mean(-1), rtol=1e-6, atol=1e-6)
+        ref_rstd = (x64.var(-1, unbiased=False) + 1e-5).rsqrt()
+    else:
+        _, rstd = _ops.rms_norm_forward(x, [1000], w, 1e-5)
+        ref_rstd = (x64.pow(2).mean(-1) + 1e-5).rsqrt()
+    torch.testing.assert_close(rstd.double(), ref_rstd, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("cols", [7, 1000, 4096])
+def test_cpu_and_cuda_agree(kind, cols):
+    x, w, b, dy = row_case(torch.float32, torch.float32, cols, batch=(5, 9))
+    cuda_y, cuda_stats, cuda_grads = run_row_norm(kind, x, w, b, dy, 1e-5)
+    cpu = [None if t is None else t.cpu() for t in (x, w, b, dy)]
+    cpu_y, cpu_stats, cpu_grads = run_row_norm(kind, *cpu, 1e-5)
+    for out, ref in zip(
+        (cuda_y, *cuda_stats, *cuda_grads), (cpu_y, *cpu_stats, *cpu_grads)
+    ):
+        assert out.shape == ref.shape and out.dtype == ref.dtype
+        torch.testing.assert_close(out.cpu(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_non_contiguous_and_multidim_shape(kind):
+    base = torch.randn(6, 40, 9, 10, device="cuda")
+    x = base.transpose(0, 1)[:, ::2]  # [40, 3, 9, 10], strided
+    assert not x.is_contiguous()
+    shape = [9, 10]
+    w = torch.randn(9, 10, device="cuda")[:, :]
+    b = torch.randn(9, 10, device="cuda")
+    if kind == "layer_norm":
+        y = layernorm_ext.layer_norm(x, shape, w, b)
+        ref = F.layer_norm(x.double(), shape, w.double(), b.double())
+    else:
+        y = layernorm_ext.rms_norm(x, shape, w, 1e-6)
+        ref = F.rms_norm(x.double(), shape, w.double(), 1e-6)
+    assert_close_rel(y, ref, torch.float32, "non-contiguous")
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_misaligned_rows_take_the_scalar_path(kind):
+    # An odd element offset breaks 16-byte alignment of every row.
+    storage = torch.randn(1 + 64 * 256, device="cuda")
+    x = storage[1:].view(64, 256)
+    w = torch.randn(256, device="cuda")
+    fn = layernorm_ext.layer_norm if kind == "layer_norm" else layernorm_ext.rms_norm
+    ref_fn = F.layer_norm if kind == "layer_norm" else F.rms_norm
+    assert_close_rel(
+        fn(x, [256], w),
+        ref_fn(x.double(), [256], w.double()),
+        torch.float32,
+        "misaligned",
+    )
+
+
+def test_zero_rows():
+    x = torch.randn(0, 64, device="cuda")
+    y, mean, rstd = _ops.layer_norm_forward(x, [64], None, None, 1e-5)
+    assert y.shape == (0, 64) and mean.shape == (0,) and rstd.shape == (0,)
+    w = torch.randn(64, device="cuda")
+    dx, dw, db = _ops.layer_norm_backward(
+        x, x, [64], mean, rstd, w, w, [True, True, True]
+    )
+    assert dx.shape == (0, 64)
+    assert torch.equal(dw, torch.zeros_like(w)) and torch.equal(db, torch.zeros_like(w))
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_gradcheck_float64(kind):
+    x = torch.randn(4, 3, 17, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(17, dtype=torch.float64, device="cuda", requires_grad=True)
+    b = torch.randn(17, dtype=torch.float64, device="cuda", requires_grad=True)
+    if kind == "layer_norm":
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: layernorm_ext.layer_norm(x, [17], w, b), (x, w, b)
+        )
+    else:
+        assert torch.autograd.gradcheck(
+            lambda x, w: layernorm_ext.rms_norm(x, [17], w, 1e-6), (x, w)
+        )
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_backward_is_deterministic(kind):
+    x, w, b, dy = row_case(torch.float32, torch.float32, 1024, batch=(4096,))
+    first = run_row_norm(kind, x, w, b, dy, 1e-5)[2]
+    second = run_row_norm(kind, x, w, b, dy, 1e-5)[2]
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_second_stream(kind):
+    x, w, b, dy = row_case(torch.float32, torch.float32, 4096, batch=(256,))
+    expected = run_row_norm(kind, x, w, b, dy, 1e-5)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        # The op's input is only filled after a long sleep queued on this
+        # stream: an op that ran on another stream would read the zeros.
+        x2 = torch.zeros_like(x)
+        torch.cuda._sleep(50_000_000)
+        x2.copy_(x)
+        got = run_row_norm(kind, x2, w, b, dy, 1e-5)
+    stream.synchronize()
+    for out, ref in zip((got[0], *got[2]), (expected[0], *expected[2])):
+        assert torch.equal(out, ref)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second GPU (cuda:1)")
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm", "batch_norm"])
+def test_second_device(kind):
+    torch.cuda.set_device(0)
+    x = torch.randn(8, 16, 5, 5)
+    w, b = torch.randn(16), torch.randn(16)
+    if kind == "batch_norm":
+        ref = _ops.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)[0]
+        got = _ops.batch_norm_forward(
+            x.to("cuda:1"), w.to("cuda:1"), b.to("cuda:1"), None, None, True, 0.1, 1e-5
+        )[0]
+    else:
+        x = x.reshape(8, 400)
+        w, b = torch.randn(400), torch.randn(400)
+        ref = run_row_norm(kind, x, w, b, x, 1e-5)[0]
+        got = run_row_norm(
+            kind, x.to("cuda:1"), w.to("cuda:1"), b.to("cuda:1"), x.to("cuda:1"), 1e-5
+        )[0]
+    assert got.device == torch.device("cuda:1")
+    torch.testing.assert_close(got.cpu(), ref, rtol=2e-5, atol=2e-5)
+
+
+def _free_bytes():
+    torch.cuda.empty_cache()
+    return torch.cuda.mem_get_info()[0]
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_more_than_2_31_elements(kind):
+    cols = 4096
+    rows = 2**31 // cols + 3  # past 2^31 elements, so 32-bit offsets would wrap
+    nbytes = rows * cols * 2
+    if _free_bytes() < 5 * nbytes:  # x, dy, y, dx and slack, bfloat16
+        pytest.skip(f"needs {5 * nbytes / 2**30:.1f} GiB free on the GPU")
+    x = torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(cols, device="cuda", dtype=torch.bfloat16)
+    y, _, grads = run_row_norm(kind, x, w, w, x, 1e-5, mask=(True, False, False))
+    for rows_slice in (slice(0, 2), slice(rows - 2, rows)):
+        ref_y, ref_grads = reference_row_norm(
+            kind, x[rows_slice], w, w, x[rows_slice], 1e-5
+        )
+        assert_close_rel(
+            y[rows_slice], ref_y, torch.bfloat16, "rows past 2^31 elements"
+        )
+        assert_close_rel(
+            grads[0][rows_slice], ref_grads[0], torch.bfloat16, "grad past 2^31"
+        )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_norm_opcheck(dtype):
+    """The CUDA outputs match the fake kernels (shapes, dtypes, strides) and autograd."""
+    x = torch.randn(4, 6, 32, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(32, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(32, device="cuda", dtype=dtype, requires_grad=True)
+    torch.library.opcheck(_ops.layer_norm_forward.default, (x, [32], w, b, 1e-5))
+    torch.library.opcheck(_ops.rms_norm_forward.default, (x, [32], w, 1e-6))
+    dy = torch.randn_like(x)
+    with torch.no_grad():
+        _, mean, rstd = _ops.layer_norm_forward(x, [32], w, b, 1e-5)
+        _, rms_rstd = _ops.rms_norm_forward(x, [32], w, 1e-6)
+    xd, wd, bd = x.detach(), w.detach(), b.detach()
+    for mask in ([True, True, True], [True, False, False], [False, True, False]):
+        torch.library.opcheck(
+            _ops.layer_norm_backward.default, (dy, xd, [32], mean, rstd, wd, bd, mask)
+        )
+        torch.library.opcheck(
+            _ops.rms_norm_backward.default, (dy, xd, [32], rms_rstd, wd, mask[:2])
+        )
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_compile_fullgraph(kind):
+    x = torch.randn(8, 3, 256, device="cuda", requires_grad=True)
+    w = torch.randn(256, device="cuda", requires_grad=True)
+    if kind == "layer_norm":
+        fn = lambda x, w: layernorm_ext.layer_norm(x, [256], w, None).sum()
+    else:
+        fn = lambda x, w: layernorm_ext.rms_norm(x, [256], w).sum()
+    eager_grads = torch.autograd.grad(fn(x, w), (x, w))
+    compiled = torch.compile(fn, fullgraph=True)
+    compiled_grads = torch.autograd.grad(compiled(x, w), (x, w))
+    for got, ref in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, ref)
+
+
+# ----------------------------------------------------------------- BatchNorm
+
+BN_SHAPES = [(16, 8), (4, 6, 33), (8, 16, 7, 9), (2, 4, 3, 5, 6), (3, 64, 32, 32)]
+
+
+def bn_input(shape, dtype, channels_last, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2).to(dtype).cuda()
+    if channels_last and len(shape) == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    elif channels_last and len(shape) == 5:
+        x = x.contiguous(memory_format=torch.channels_last_3d)
+    return x
+
+
+def bn_reference(x, w, b, rm, rv, training, momentum, eps, dy):
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    b64 = b.double().requires_grad_()
+    rm64, rv64 = rm.double().clone(), rv.double().clone()
+    y = F.batch_norm(x64, rm64, rv64, w64, b64, training, momentum, eps)
+    grads = torch.autograd.grad(y, (x64, w64, b64), dy.double())
+    dims = [d for d in range(x.dim()) if d != 1]
+    if training:
+        mean = x.double().mean(dims)
+        rstd = (x.double().var(dims, unbiased=False) + eps).rsqrt()
+    else:
+        mean, rstd = rm.double(), (rv.double() + eps).rsqrt()
+    return y.detach(), mean, rstd, rm64, rv64, grads
+
+
+def expected_format(x):
+    if (
+        x.dim() == 4
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous()
+    ):
+        return torch.channels_last
+    if (
+        x.dim() == 5
+        and x.is_contiguous(memory_format=torch.channels_last_3d)
+        and not x.is_contiguous()
+    ):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BN_SHAPES)
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_matches_float64(dtype, shape, channels_last, training):
+    if channels_last and len(shape) < 4:
+        pytest.skip("channels-last exists for 4-D and 5-D inputs only")
+    x = bn_input(shape, dtype, channels_last)
+    c = shape[1]
+    param = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    w = torch.randn(c, dtype=param, device="cuda")
+    b = torch.randn(c, dtype=param, device="cuda")
+    rm = torch.randn(c, dtype=param, device="cuda")
+    rv = torch.rand(c, dtype=param, device="cuda") + 0.5
+    dy = bn_input(shape, dtype, channels_last, seed=1)
+    poison_allocator()
+    y, save_mean, save_rstd, new_rm, new_rv = _ops.batch_norm_forward(
+        x, w, b, rm, rv, training, 0.1, 1e-5
+    )
+    ref_y, ref_mean, ref_rstd, ref_rm, ref_rv, ref_grads = bn_reference(
+        x, w, b, rm, rv, training, 0.1, 1e-5, dy
+    )
+    what = f"batch_norm {shape} cl={channels_last} training={training}"
+    assert y.is_contiguous(memory_format=expected_format(x)), what
+    assert_close_rel(y, ref_y, dtype, what + " output")
+    assert_close_rel(save_mean, ref_mean, dtype, what + " save_mean")
+    assert_close_rel(save_rstd, ref_rstd, dtype, what + " save_rstd")
+    if training:
+        assert new_rm.dtype == rm.dtype and new_rv.dtype == rv.dtype
+        assert_close_rel(new_rm, ref_rm, dtype, what + " running_mean")
+        assert_close_rel(new_rv, ref_rv, dtype, what + " running_var")
+    else:
+        assert new_rm.shape == (0,) and new_rv.shape == (0,)
+    grads = _ops.batch_norm_backward(
+        dy, x, w, b, save_mean, save_rstd, training, [True, True, True]
+    )
+    assert grads[0].is_contiguous(memory_format=expected_format(x)), what
+    for got, ref, name in zip(
+        grads, ref_grads, ("grad_input", "grad_weight", "grad_bias")
+    ):
+        assert_close_rel(got, ref, dtype, f"{what} {name}")
+
+
+def test_batch_norm_cpu_and_cuda_agree():
+    x = bn_input((8, 16, 7, 9), torch.float32, False)
+    args = (torch.randn(16), torch.randn(16), torch.randn(16), torch.rand(16) + 0.5)
+    cuda_out = _ops.batch_norm_forward(x, *(a.cuda() for a in args), True, 0.1, 1e-5)
+    cpu_out = _ops.batch_norm_forward(x.cpu(), *args, True, 0.1, 1e-5)
+    for got, ref in zip(cuda_out, cpu_out):
+        torch.testing.assert_close(got.cpu(), ref, rtol=2e-5, atol=2e-5)
+
+
+def test_batch_norm_gradcheck_float64():
+    x = torch.randn(3, 4, 5, 2, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, device="cuda", requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device="cuda", requires_grad=True)
+
+    def fn(x, w, b):
+        return layernorm_ext.batch_norm(x, None, None, w, b, training=True)
+
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert torch.autograd.gradcheck(fn, (xc, w, b))
+
+
+def test_batch_norm_is_deterministic():
+    x = bn_input((32, 64, 28, 28), torch.float32, True)
+    dy = bn_input((32, 64, 28, 28), torch.float32, True, seed=2)
+    w, b = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    runs = []
+    for _ in range(2):
+        out = _ops.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)
+        runs.append(
+            (
+                *out[:3],
+                *_ops.batch_norm_backward(
+                    dy, x, w, b, out[1], out[2], True, [True] * 3
+                ),
+            )
+        )
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_batch_norm_more_than_2_31_elements():
+    shape = (2**31 // (64 * 1024) + 1, 64, 32, 32)  # past 2^31 elements
+    nbytes = 2 * torch.Size(shape).numel()
+    if _free_bytes() < 2 * nbytes + (1 << 30):  # x, y (bfloat16) and slack
+        pytest.skip(f"needs {(2 * nbytes + (1 << 30)) / 2**30:.1f} GiB free on the GPU")
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    y, mean, rstd, _, _ = _ops.batch_norm_forward(
+        x, None, None, None, None, True, 0.1, 1e-5
+    )
+    x_last = x[-1].double()
+    ref_last = (x_last - mean.double()[:, None, None]) * rstd.double()[:, None, None]
+    assert_close_rel(y[-1], ref_last, torch.bfloat16, "batch_norm past 2^31 elements")
+    # Chunked float64 sums: a float copy of x would not fit beside it.
+    ref_mean = sum(
+        x[i : i + 256].double().sum((0, 2, 3)) for i in range(0, shape[0], 256)
+    )
+    ref_mean = ref_mean / (shape[0] * shape[2] * shape[3])
+    torch.testing.assert_close(mean.double(), ref_mean, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_batch_norm_opcheck(channels_last, training):
+    x = bn_input((4, 6, 5, 7), torch.float32, channels_last).requires_grad_()
+    w = torch.randn(6, device="cuda", requires_grad=True)
+    b = torch.randn(6, device="cuda", requires_grad=True)
+    rm, rv = torch.randn(6, device="cuda"), torch.rand(6, device="cuda") + 0.5
+    torch.library.opcheck(
+        _ops.batch_norm_forward.default, (x, w, b, rm, rv, training, 0.1, 1e-5)
+    )
+    with torch.no_grad():
+        _, mean, rstd, _, _ = _ops.batch_norm_forward(
+            x, w, b, rm, rv, training, 0.1, 1e-5
+        )
+    dy = bn_input((4, 6, 5, 7), torch.float32, channels_last, seed=3)
+    for mask in ([True, True, True], [True, False, False], [False, True, True]):
+        torch.library.opcheck(
+            _ops.batch_norm_backward.default,
+            (dy, x.detach(), w.detach(), b.detach(), mean, rstd, training, mask),
+        )

@@ -17,6 +17,10 @@
 #include <immintrin.h>
 
 #pragma GCC push_options
+// No FP contraction: a * b - c must round a * b as the same product rounds
+// elsewhere (a one-element row's input gradient cancels to exactly 0); the
+// kernels ask for FMAs where they want them.
+#pragma GCC optimize("fp-contract=off")
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")
 
 namespace layernorm_ext::cpu::avx512 {

@@ -238,12 +238,14 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
       for (int64_t group_begin = row_begin; group_begin < row_end; group_begin += kRowGroup) {
         const int64_t group = std::min(kRowGroup, row_end - group_begin);
         // Per row of the group: the constants of
-        // dx = rs * (g - (sum_g + xhat * sum_g_xhat) / cols)
-        //    = g * rs - (xhat * dx_xhat + dx_const),   g = dy * w.
+        // dx = rs * (g - (xhat * mean_g_xhat + mean_g)),   g = dy * w.
+        // Kept in this form (not g * rs - ...) so that a one-element row,
+        // where xhat = 0 and mean_g = g, gets exactly 0 even when the
+        // compiler contracts the products into FMAs.
         const T* x[kRowGroup];
         const T* dy[kRowGroup];
         T* dx[kRowGroup];
-        acc mu[kRowGroup], rs[kRowGroup], dx_xhat[kRowGroup], dx_const[kRowGroup];
+        acc mu[kRowGroup], rs[kRowGroup], mean_g_xhat[kRowGroup], mean_g[kRowGroup];
         for (int64_t k = 0; k < group; ++k) {
           const int64_t r = group_begin + k;
           x[k] = args.input + r * cols;
@@ -257,8 +259,8 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
             const V g = V::load(dy[k] + j) * V::load(args.weight + j);
             return Sums2<V>{g, g * (V::load(x[k] + j) - V::broadcast(mu[k]))};
           });
-          dx_xhat[k] = rs[k] * scale * (sums.second * rs[k]);
-          dx_const[k] = kCenter ? rs[k] * scale * sums.first : acc(0);
+          mean_g_xhat[k] = sums.second * rs[k] * scale;
+          mean_g[k] = kCenter ? sums.first * scale : acc(0);
         }
         // The group's rows are still in L1/L2: read them again (converting
         // half/bfloat16 again is cheaper than buffering them as acc_t).
@@ -271,8 +273,8 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
             const V dyv = V::load(dy[k] + j);
             const V xhat = (V::load(x[k] + j) - V::broadcast(mu[k])) * V::broadcast(rs[k]);
             if (dx[k]) {
-              const V dxv = dyv * w * V::broadcast(rs[k]) -
-                  fma(xhat, V::broadcast(dx_xhat[k]), V::broadcast(dx_const[k]));
+              const V dxv = V::broadcast(rs[k]) *
+                  (dyv * w - fma(xhat, V::broadcast(mean_g_xhat[k]), V::broadcast(mean_g[k])));
               if (stream) {
                 dxv.stream(dx[k] + j);
               } else {

@@ -11,6 +11,13 @@
 #include <type_traits>
 #include <vector>
 
+// No FP contraction (see row_norm_avx512.cpp), whatever -march the build uses.
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
 namespace layernorm_ext::cpu::portable {
 #include "simd_vec_portable.h"
 #include "row_norm_kernels_impl.h"

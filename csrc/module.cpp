@@ -2,6 +2,8 @@
 // Importing it loads the shared library, whose static initializers register
 // the ops (ops.cpp) and their kernels; the module itself only reports how the
 // library was built.
+#include "cpu/simd_level.h"
+
 #include <torch/extension.h>
 
 namespace {
@@ -18,6 +20,7 @@ pybind11::dict compiled_with() {
 #else
   info["openmp"] = false;
 #endif
+  info["simd"] = layernorm_ext::cpu::simd_level_name(layernorm_ext::cpu::active_simd_level());
   return info;
 }
 
@@ -25,5 +28,11 @@ pybind11::dict compiled_with() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "layernorm_ext kernels; the ops live under torch.ops.layernorm_ext";
-  m.def("compiled_with", &compiled_with, "How this extension was built: cuda, openmp.");
+  m.def("compiled_with", &compiled_with,
+      "How this extension was built: cuda, openmp, and the SIMD level the CPU kernels use.");
+  // For tests and benchmarks: forces the CPU kernels onto one SIMD level
+  // ("avx512", "avx2" or "scalar"; at most what the CPU supports).
+  m.def("_set_simd_level", [](const std::string& name) {
+    layernorm_ext::cpu::set_simd_level(layernorm_ext::cpu::parse_simd_level(name));
+  });
 }

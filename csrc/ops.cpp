@@ -53,4 +53,17 @@ TORCH_LIBRARY(layernorm_ext, m) {
       "Tensor save_mean, Tensor save_rstd, bool training, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       tags);
+  // Fused residual add (pre-norm transformer blocks): the row is
+  // sum = input + residual (input's shape and dtype), returned as well as its
+  // norm, computed in one pass. Backward: layer_norm_backward /
+  // rms_norm_backward on sum, whose gradient then goes to both addends.
+  m.def(
+      "fused_add_layer_norm_forward(Tensor input, Tensor residual, int[] normalized_shape, "
+      "Tensor? weight, Tensor? bias, float eps) -> (Tensor output, Tensor sum, Tensor mean, "
+      "Tensor rstd)",
+      tags);
+  m.def(
+      "fused_add_rms_norm_forward(Tensor input, Tensor residual, int[] normalized_shape, "
+      "Tensor? weight, float eps) -> (Tensor output, Tensor sum, Tensor rstd)",
+      tags);
 }

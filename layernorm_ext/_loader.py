@@ -104,8 +104,9 @@ def build_info() -> dict:
 
     Keys: ``cuda`` (CUDA kernels compiled in), ``cuda_available`` (a GPU usable
     now), ``openmp`` (OpenMP compiled in), ``threads`` (torch's intra-op
-    threads, which the CPU kernels use), ``torch_version``, ``source``
-    (``"prebuilt"`` or ``"jit"``).
+    threads, which the CPU kernels use), ``simd`` (the instruction set the CPU
+    kernels dispatch to: ``"avx512"``, ``"avx2"`` or ``"scalar"``),
+    ``torch_version``, ``source`` (``"prebuilt"`` or ``"jit"``).
     """
     module = ensure_loaded()
     compiled = module.compiled_with()
@@ -114,6 +115,7 @@ def build_info() -> dict:
         "cuda_available": bool(compiled["cuda"]) and torch.cuda.is_available(),
         "openmp": bool(compiled["openmp"]),
         "threads": torch.get_num_threads(),
+        "simd": str(compiled["simd"]),
         "torch_version": torch.__version__,
         "source": _loaded["source"],
     }

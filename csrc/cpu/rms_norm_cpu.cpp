@@ -1,7 +1,8 @@
-// RMSNorm on the CPU: the LayerNorm row kernels without centering
-// (row_norm_kernels.h with kCenter = false), behind RMSNorm's own checks.
+// RMSNorm on the CPU, plain and with a fused residual add: the LayerNorm row
+// kernels without centering (row_norm_kernels.h with kCenter = false), behind
+// RMSNorm's own checks.
 #include "../row_norm_checks.h"
-#include "row_norm_kernels.h"
+#include "row_norm_op_helpers.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -9,27 +10,53 @@
 namespace layernorm_ext::cpu {
 namespace {
 
+// output, input + residual (an undefined tensor without residual), rstd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_forward_impl(
+    const char* op,
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& residual,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    double eps) {
+  const auto shape = check_row_norm_args(op, input, normalized_shape, weight, std::nullopt);
+  if (residual) check_residual(op, input, *residual);
+  const auto x = input.contiguous();
+  const auto res = optional_contiguous(residual);
+  const auto acc_type = accumulate_type(x.scalar_type());
+  const auto w = param_as_acc(weight, shape.cols, acc_type, 1);
+  const auto zero_bias = param_as_acc(std::nullopt, shape.cols, acc_type, 0);
+  auto output = empty_output(input.sizes(), x.options());
+  auto sum = residual ? empty_output(input.sizes(), x.options()) : at::Tensor();
+  auto rstd = at::empty(stats_shape(input, normalized_shape), x.options().dtype(acc_type));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_forward", [&] {
+    using acc = acc_t<scalar_t>;
+    row_norm_forward</*kCenter=*/false>(RowNormForwardArgs<scalar_t>{
+        x.const_data_ptr<scalar_t>(), res ? res->const_data_ptr<scalar_t>() : nullptr,
+        w.const_data_ptr<acc>(), zero_bias.const_data_ptr<acc>(),
+        output.mutable_data_ptr<scalar_t>(), residual ? sum.mutable_data_ptr<scalar_t>() : nullptr,
+        nullptr, rstd.mutable_data_ptr<acc>(), shape.rows, shape.cols, eps});
+  });
+  return {output, sum, rstd};
+}
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cpu(
     const at::Tensor& input,
     at::IntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight,
     double eps) {
-  const auto shape = check_row_norm_args("rms_norm", input, normalized_shape, weight, std::nullopt);
-  const auto x = input.contiguous();
-  const auto w = optional_contiguous(weight);
-  auto output = at::empty(input.sizes(), x.options());
-  auto rstd = at::empty(
-      stats_shape(input, normalized_shape), x.options().dtype(accumulate_type(x.scalar_type())));
-  dispatch_input_and_param_types(x.scalar_type(), w ? w->scalar_type() : x.scalar_type(),
-      [&](auto* t_tag, auto* w_tag) {
-        using T = std::remove_pointer_t<decltype(t_tag)>;
-        using P = std::remove_pointer_t<decltype(w_tag)>;
-        row_norm_forward</*kCenter=*/false>(
-            x.const_data_ptr<T>(), optional_data<P>(w), static_cast<const P*>(nullptr),
-            output.mutable_data_ptr<T>(), static_cast<acc_t<T>*>(nullptr),
-            rstd.mutable_data_ptr<acc_t<T>>(), shape.rows, shape.cols, eps);
-      });
+  auto [output, sum, rstd] =
+      rms_norm_forward_impl("rms_norm", input, std::nullopt, normalized_shape, weight, eps);
   return {output, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_forward_cpu(
+    const at::Tensor& input,
+    const at::Tensor& residual,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    double eps) {
+  return rms_norm_forward_impl(
+      "fused_add_rms_norm", input, residual, normalized_shape, weight, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(
@@ -44,29 +71,31 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(
   check_row_norm_backward_args("rms_norm_backward", grad_output, input, shape, {&rstd});
   const auto x = input.contiguous();
   const auto dy = grad_output.contiguous();
-  const auto w = optional_contiguous(weight);
-  const auto param_options = weight.has_value() ? weight->options() : x.options();
+  const auto acc_type = accumulate_type(x.scalar_type());
+  const auto w = param_as_acc(weight, shape.cols, acc_type, 1);
   const bool want_weight = output_mask[1] && weight.has_value();
-  auto grad_input = output_mask[0] ? at::empty(input.sizes(), x.options()) : at::empty({0}, x.options());
-  auto grad_weight = want_weight ? at::empty(normalized_shape, param_options) : at::empty({0}, param_options);
-  dispatch_input_and_param_types(x.scalar_type(), w ? w->scalar_type() : x.scalar_type(),
-      [&](auto* t_tag, auto* w_tag) {
-        using T = std::remove_pointer_t<decltype(t_tag)>;
-        using P = std::remove_pointer_t<decltype(w_tag)>;
-        row_norm_backward</*kCenter=*/false>(
-            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), static_cast<const acc_t<T>*>(nullptr),
-            rstd.contiguous().const_data_ptr<acc_t<T>>(), optional_data<P>(w),
-            output_mask[0] ? grad_input.mutable_data_ptr<T>() : nullptr,
-            want_weight ? grad_weight.mutable_data_ptr<P>() : nullptr, static_cast<P*>(nullptr),
-            shape.rows, shape.cols);
-      });
-  return {grad_input, grad_weight};
+  auto grad_input = empty_output(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, x.options());
+  auto grad_weight =
+      at::empty(want_weight ? normalized_shape : at::IntArrayRef{0}, x.options().dtype(acc_type));
+  auto partials = grad_partials(shape, int64_t{want_weight}, acc_type);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    row_norm_backward</*kCenter=*/false>(RowNormBackwardArgs<scalar_t>{
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), nullptr,
+        rstd.contiguous().const_data_ptr<acc>(), w.const_data_ptr<acc>(),
+        output_mask[0] ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+        want_weight ? grad_weight.mutable_data_ptr<acc>() : nullptr, nullptr,
+        partials.mutable_data_ptr<acc>(), shape.rows, shape.cols});
+  });
+  // Summed in acc_t, returned in the weight's dtype (the input's when empty).
+  return {grad_input, grad_weight.to(weight ? weight->scalar_type() : x.scalar_type())};
 }
 
 } // namespace
 
 TORCH_LIBRARY_IMPL(layernorm_ext, CPU, m) {
   m.impl("rms_norm_forward", &rms_norm_forward_cpu);
+  m.impl("fused_add_rms_norm_forward", &fused_add_rms_norm_forward_cpu);
   m.impl("rms_norm_backward", &rms_norm_backward_cpu);
 }
 

@@ -1,0 +1,32 @@
+// The row kernels of row_norm_kernels_impl.h compiled for AVX2 with FMA and F16C.
+// Everything this file includes comes before the target pragma, so only
+// code defined here (in namespace avx2) is built for avx2.
+#include "row_norm_kernels.h"
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#if LAYERNORM_EXT_X86_SIMD
+#include <immintrin.h>
+
+#pragma GCC push_options
+// No FP contraction: a * b - c must round a * b as the same product rounds
+// elsewhere (a one-element row's input gradient cancels to exactly 0); the
+// kernels ask for FMAs where they want them.
+#pragma GCC optimize("fp-contract=off")
+#pragma GCC target("avx2,fma,f16c")
+
+namespace layernorm_ext::cpu::avx2 {
+#include "simd_vec_avx2.h"
+#include "row_norm_kernels_impl.h"
+} // namespace layernorm_ext::cpu::avx2
+
+#pragma GCC pop_options
+#endif

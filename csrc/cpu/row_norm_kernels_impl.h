@@ -1,0 +1,322 @@
+// The row kernels declared in row_norm_kernels.h, written once over a Vec<acc>
+// SIMD type. Each row_norm_<isa>.cpp includes this file inside its own
+// namespace, after its Vec (simd_vec_<isa>.h), under its target pragma, so
+// that every instruction set gets its own copy of the code with its own
+// symbol names. No include guard and no #include here: everything is included
+// by the .cpp before its pragma.
+//
+// Work split: a task owns whole rows, so a row's statistics are summed in one
+// fixed order by one thread (lanes, then a fixed tree of lanes, then chunks
+// in order), and the result has the same bits whatever the thread count.
+// Rows go to threads through at::parallel_for (torch's OpenMP pool, so
+// torch.set_num_threads applies), with a grain of kGrainElements elements so
+// that small inputs run inline without waking threads.
+//
+// Memory: each row is read from memory once and written once. The first
+// sweep loads it (and the residual), writes the fused sum, converts
+// half/bfloat16 to acc into a per-task buffer and sums it, all in one pass;
+// the variance and normalize sweeps then read the row from L1/L2. Variance is
+// two-pass (a shifted mean first, then squared deviations), which stays exact
+// for rows whose mean is large against their spread, unlike E[x^2] - E[x]^2.
+//
+// Outputs of kStreamBytes or more (too large to stay in cache for their
+// consumer) with 64-byte aligned rows are written with non-temporal stores,
+// which skip the read for ownership of each destination line: a third less
+// memory traffic.
+//
+// Backward: for a group of kRowGroup rows, one sweep per row loads x and dy
+// and sums dy*w and dy*w*(x - mean); then one sweep over the columns writes
+// the group's dx rows and adds their terms to the block's weight/bias gradient partial rows,
+// loading and storing each partial once per group instead of once per row
+// (in row order, so the bits are those of a row-by-row sum). Rows are cut
+// into a number of blocks that depends on the shape alone; a task owns whole
+// blocks, whose partial rows stay in cache while it sums its rows into them;
+// the partials are then added in block order. No atomics, and the bits do not
+// depend on the thread count.
+//
+// Each loop body is written once, as a generic lambda over the vector type:
+// it runs with Vec<acc> over full vectors and with Scalar<acc> (one lane,
+// the same operations and roundings) over the ragged ends.
+
+constexpr int64_t kStreamBytes = int64_t{16} << 20;
+constexpr int64_t kStreamAlignment = 64;
+constexpr int64_t kRowGroup = 4;
+
+// One lane with Vec's interface, for the elements that do not fill a Vec.
+template <typename A>
+struct Scalar {
+  static constexpr int64_t kLanes = 1;
+  A v;
+
+  static Scalar broadcast(A a) { return {a}; }
+  template <typename T>
+  static Scalar load(const T* p) {
+    return {static_cast<A>(*p)};
+  }
+  template <typename T>
+  void store(T* p) const {
+    *p = static_cast<T>(v);
+  }
+  template <typename T>
+  void stream(T* p) const {
+    store(p);
+  }
+  A sum() const { return v; }
+};
+template <typename A>
+inline Scalar<A> operator+(Scalar<A> a, Scalar<A> b) { return {a.v + b.v}; }
+template <typename A>
+inline Scalar<A> operator-(Scalar<A> a, Scalar<A> b) { return {a.v - b.v}; }
+template <typename A>
+inline Scalar<A> operator*(Scalar<A> a, Scalar<A> b) { return {a.v * b.v}; }
+template <typename A>
+inline Scalar<A> fma(Scalar<A> a, Scalar<A> b, Scalar<A> c) { return {fma(a.v, b.v, c.v)}; }
+
+template <typename A>
+struct Sums2 {
+  A first;
+  A second;
+};
+
+// Calls body(Vec<acc>{}, j) for each full Vec of [0, n), then
+// body(Scalar<acc>{}, j) for each element of the tail.
+template <typename acc, typename Body>
+inline void for_each_vector(int64_t n, const Body& body) {
+  constexpr int64_t L = Vec<acc>::kLanes;
+  const int64_t vec_end = n / L * L;
+  for (int64_t j = 0; j < vec_end; j += L) body(Vec<acc>{}, j);
+  for (int64_t j = vec_end; j < n; ++j) body(Scalar<acc>{}, j);
+}
+
+// Sums two series over j in [0, n): terms(tag, j) gives both series' terms
+// for the elements at j, as a Sums2 of decltype(tag) (Vec<acc> or
+// Scalar<acc>). Called once per element, in order, so terms may also store
+// (conversion buffers). Four accumulators per series hide the add latency.
+template <typename acc, typename Terms>
+inline Sums2<acc> chunked_sums(int64_t n, const Terms& terms) {
+  using V = Vec<acc>;
+  constexpr int64_t L = V::kLanes;
+  const int64_t n_vec = n - n % L;
+  const V zero = V::broadcast(0);
+  V total_first = zero, total_second = zero;
+  for (int64_t start = 0; start < n_vec; start += kSumChunk) {
+    const int64_t end = std::min(n_vec, start + kSumChunk);
+    V first[4] = {zero, zero, zero, zero};
+    V second[4] = {zero, zero, zero, zero};
+    int64_t j = start;
+    for (; j + 4 * L <= end; j += 4 * L) {
+      for (int k = 0; k < 4; ++k) {
+        const Sums2<V> t = terms(V{}, j + k * L);
+        first[k] = first[k] + t.first;
+        second[k] = second[k] + t.second;
+      }
+    }
+    for (; j < end; j += L) {
+      const Sums2<V> t = terms(V{}, j);
+      first[0] = first[0] + t.first;
+      second[0] = second[0] + t.second;
+    }
+    total_first = total_first + ((first[0] + first[1]) + (first[2] + first[3]));
+    total_second = total_second + ((second[0] + second[1]) + (second[2] + second[3]));
+  }
+  Sums2<acc> sums{total_first.sum(), total_second.sum()};
+  for (int64_t j = n_vec; j < n; ++j) {
+    const Sums2<Scalar<acc>> t = terms(Scalar<acc>{}, j);
+    sums.first += t.first.v;
+    sums.second += t.second.v;
+  }
+  return sums;
+}
+
+// Whether to write a rows x cols output with non-temporal stores: when it
+// is too large to stay in cache and every row starts on a Vec store boundary
+// (streamed stores need aligned addresses).
+template <typename T>
+inline bool stream_output(const T* output, int64_t rows, int64_t cols) {
+  const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
+  return output != nullptr && rows * row_bytes >= kStreamBytes && row_bytes % kStreamAlignment == 0 &&
+      reinterpret_cast<std::uintptr_t>(output) % kStreamAlignment == 0;
+}
+
+template <bool kCenter, typename T>
+void row_norm_forward(const RowNormForwardArgs<T>& args) {
+  using acc = acc_t<T>;
+  constexpr bool kConvert = !std::is_same_v<T, acc>;
+  const int64_t cols = args.cols;
+  const bool stream = stream_output(args.output, args.rows, cols);
+  at::parallel_for(0, args.rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
+    std::vector<acc> buffer(kConvert ? cols : 0);
+    for (int64_t r = begin; r < end; ++r) {
+      const T* in = args.input + r * cols;
+      const T* res = args.residual ? args.residual + r * cols : nullptr;
+      T* sum_out = args.sum ? args.sum + r * cols : nullptr;
+      // The row in acc_t: the input itself, the fused sum just written, or
+      // the conversion buffer.
+      const acc* x;
+      if constexpr (kConvert) {
+        x = buffer.data();
+      } else {
+        x = res ? sum_out : in;
+      }
+      // LayerNorm sums x - x[0], not x: the terms stay of the row's spread,
+      // so the mean stays exact when it is large against that spread.
+      acc shift = 0;
+      if (kCenter && cols > 0) {
+        shift = static_cast<acc>(in[0]);
+        if (res) shift = static_cast<acc>(static_cast<T>(shift + static_cast<acc>(res[0])));
+      }
+      // First sweep: x (rounded to T when it is a fused sum, as the separate
+      // add would be), stored where needed, and its shifted sum (LayerNorm)
+      // or sum of squares (RMSNorm).
+      const acc first_sum = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+        using V = decltype(tag);
+        V v = V::load(in + j);
+        if (res) {
+          (v + V::load(res + j)).store(sum_out + j);
+          v = V::load(sum_out + j);
+        }
+        if constexpr (kConvert) v.store(buffer.data() + j);
+        const V term = kCenter ? v - V::broadcast(shift) : v * v;
+        return Sums2<V>{term, term};
+      }).first;
+      acc mu = 0, var;
+      if constexpr (kCenter) {
+        mu = shift + first_sum / cols;
+        args.mean[r] = mu;
+        const Sums2<acc> deviations = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+          using V = decltype(tag);
+          const V d = V::load(x + j) - V::broadcast(mu);
+          return Sums2<V>{d * d, d};
+        });
+        // The sum of deviations is zero but for the rounding of mu; taking it
+        // out (the corrected two-pass formula) removes that error too.
+        var = (deviations.first - deviations.second * deviations.second / cols) / cols;
+      } else {
+        var = first_sum / cols;
+      }
+      const acc rs = acc(1) / std::sqrt(var + static_cast<acc>(args.eps));
+      args.rstd[r] = rs;
+      T* y = args.output + r * cols;
+      for_each_vector<acc>(cols, [&](auto tag, int64_t j) {
+        using V = decltype(tag);
+        const V out = fma((V::load(x + j) - V::broadcast(mu)) * V::broadcast(rs),
+            V::load(args.weight + j), V::load(args.bias + j));
+        if (stream) {
+          out.stream(y + j);
+        } else {
+          out.store(y + j);
+        }
+      });
+    }
+    if (stream) stream_fence();
+  });
+}
+
+template <bool kCenter, typename T>
+void row_norm_backward(const RowNormBackwardArgs<T>& args) {
+  using acc = acc_t<T>;
+  const int64_t rows = args.rows, cols = args.cols;
+  const int64_t partial_rows = (args.grad_weight ? 1 : 0) + (args.grad_bias ? 1 : 0);
+  // Without parameter gradients, blocks only split the rows for threads.
+  const int64_t blocks = partial_rows > 0
+      ? grad_blocks(rows, cols, partial_rows * static_cast<int64_t>(sizeof(acc)))
+      : (rows + grain_rows(cols) - 1) / grain_rows(cols);
+  const acc scale = acc(1) / std::max<int64_t>(cols, 1);
+  const bool stream = stream_output(args.grad_input, rows, cols);
+
+  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+    for (int64_t block = block_begin; block < block_end; ++block) {
+      // Layout: for block b, its grad_weight partial row then its grad_bias one.
+      acc* dweight = args.grad_weight ? args.partials + block * partial_rows * cols : nullptr;
+      acc* dbias = args.grad_bias
+          ? args.partials + (block * partial_rows + (args.grad_weight ? 1 : 0)) * cols
+          : nullptr;
+      if (dweight) std::fill(dweight, dweight + cols, acc(0));
+      if (dbias) std::fill(dbias, dbias + cols, acc(0));
+      const int64_t row_begin = rows * block / blocks;
+      const int64_t row_end = rows * (block + 1) / blocks;
+      for (int64_t group_begin = row_begin; group_begin < row_end; group_begin += kRowGroup) {
+        const int64_t group = std::min(kRowGroup, row_end - group_begin);
+        // Per row of the group: the constants of
+        // dx = rs * (g - (xhat * mean_g_xhat + mean_g)),   g = dy * w.
+        // Kept in this form (not g * rs - ...) so that a one-element row,
+        // where xhat = 0 and mean_g = g, gets exactly 0 even when the
+        // compiler contracts the products into FMAs.
+        const T* x[kRowGroup];
+        const T* dy[kRowGroup];
+        T* dx[kRowGroup];
+        acc mu[kRowGroup], rs[kRowGroup], mean_g_xhat[kRowGroup], mean_g[kRowGroup];
+        for (int64_t k = 0; k < group; ++k) {
+          const int64_t r = group_begin + k;
+          x[k] = args.input + r * cols;
+          dy[k] = args.grad_output + r * cols;
+          dx[k] = args.grad_input ? args.grad_input + r * cols : nullptr;
+          mu[k] = kCenter ? args.mean[r] : acc(0);
+          rs[k] = args.rstd[r];
+          // Sums of g and of g * (x - mean).
+          const Sums2<acc> sums = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+            using V = decltype(tag);
+            const V g = V::load(dy[k] + j) * V::load(args.weight + j);
+            return Sums2<V>{g, g * (V::load(x[k] + j) - V::broadcast(mu[k]))};
+          });
+          mean_g_xhat[k] = sums.second * rs[k] * scale;
+          mean_g[k] = kCenter ? sums.first * scale : acc(0);
+        }
+        // The group's rows are still in L1/L2: read them again (converting
+        // half/bfloat16 again is cheaper than buffering them as acc_t).
+        for_each_vector<acc>(cols, [&](auto tag, int64_t j) {
+          using V = decltype(tag);
+          const V w = V::load(args.weight + j);
+          V dweight_sum = dweight ? V::load(dweight + j) : V::broadcast(0);
+          V dbias_sum = dbias ? V::load(dbias + j) : V::broadcast(0);
+          for (int64_t k = 0; k < group; ++k) {
+            const V dyv = V::load(dy[k] + j);
+            const V xhat = (V::load(x[k] + j) - V::broadcast(mu[k])) * V::broadcast(rs[k]);
+            if (dx[k]) {
+              const V dxv = V::broadcast(rs[k]) *
+                  (dyv * w - fma(xhat, V::broadcast(mean_g_xhat[k]), V::broadcast(mean_g[k])));
+              if (stream) {
+                dxv.stream(dx[k] + j);
+              } else {
+                dxv.store(dx[k] + j);
+              }
+            }
+            dweight_sum = fma(dyv, xhat, dweight_sum);
+            dbias_sum = dbias_sum + dyv;
+          }
+          if (dweight) dweight_sum.store(dweight + j);
+          if (dbias) dbias_sum.store(dbias + j);
+        });
+      }
+    }
+    if (stream) stream_fence();
+  });
+
+  if (partial_rows == 0) return;
+  // Add the block partials column by column, in block order.
+  at::parallel_for(0, cols, grain_rows(blocks), [&](int64_t col_begin, int64_t col_end) {
+    for_each_vector<acc>(col_end - col_begin, [&](auto tag, int64_t offset) {
+      using V = decltype(tag);
+      const int64_t j = col_begin + offset;
+      V dweight = V::broadcast(0), dbias = V::broadcast(0);
+      for (int64_t block = 0; block < blocks; ++block) {
+        const acc* partial = args.partials + block * partial_rows * cols + j;
+        if (args.grad_weight) dweight = dweight + V::load(partial);
+        if (args.grad_bias) dbias = dbias + V::load(partial + (args.grad_weight ? cols : 0));
+      }
+      if (args.grad_weight) dweight.store(args.grad_weight + j);
+      if (args.grad_bias) dbias.store(args.grad_bias + j);
+    });
+  });
+}
+
+#define LAYERNORM_EXT_INSTANTIATE_ROW_NORM_KERNELS(T)                         \
+  template void row_norm_forward<true, T>(const RowNormForwardArgs<T>&);      \
+  template void row_norm_forward<false, T>(const RowNormForwardArgs<T>&);     \
+  template void row_norm_backward<true, T>(const RowNormBackwardArgs<T>&);    \
+  template void row_norm_backward<false, T>(const RowNormBackwardArgs<T>&);
+LAYERNORM_EXT_INSTANTIATE_ROW_NORM_KERNELS(float)
+LAYERNORM_EXT_INSTANTIATE_ROW_NORM_KERNELS(double)
+LAYERNORM_EXT_INSTANTIATE_ROW_NORM_KERNELS(c10::Half)
+LAYERNORM_EXT_INSTANTIATE_ROW_NORM_KERNELS(c10::BFloat16)
+#undef LAYERNORM_EXT_INSTANTIATE_ROW_NORM_KERNELS

@@ -1,0 +1,206 @@
+"""The SIMD dispatch of the CPU row kernels: every instruction set this CPU
+runs (AVX-512, AVX2, portable) is exercised and checked against float64
+references, bit-exact bfloat16/half rounding, thread-count determinism, and
+the build_info / LAYERNORM_EXT_SIMD controls."""
+
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layernorm_ext
+from layernorm_ext import _loader
+
+LEVELS = ["avx512", "avx2", "scalar"]
+_C = _loader.ensure_loaded()
+
+
+def _runnable_levels():
+    """The levels this CPU supports: the default and every one below it."""
+    best = LEVELS.index(_default_level())
+    return LEVELS[best:]
+
+
+@functools.lru_cache(maxsize=None)
+def _default_level():
+    """The level a fresh process picks with no LAYERNORM_EXT_SIMD."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import layernorm_ext; print(layernorm_ext.build_info()['simd'])"],
+        capture_output=True, text=True, check=True,
+        env={k: v for k, v in os.environ.items() if k != "LAYERNORM_EXT_SIMD"},
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(params=LEVELS)
+def level(request):
+    if request.param not in _runnable_levels():
+        with pytest.raises(RuntimeError, match="supports at most"):
+            _C._set_simd_level(request.param)
+        pytest.skip(f"this CPU has no {request.param}")
+    before = layernorm_ext.build_info()["simd"]
+    _C._set_simd_level(request.param)
+    assert layernorm_ext.build_info()["simd"] == request.param
+    yield request.param
+    _C._set_simd_level(before)
+
+
+def test_default_level_is_what_the_cpu_supports():
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    expected = "scalar"
+    if all(f" {f}" in flags for f in ("avx2", "fma")):
+        expected = "avx2"
+    if all(f" {f}" in flags for f in ("avx512f", "avx512bw", "avx512vl", "avx2", "fma")):
+        expected = "avx512"
+    if sys.platform != "linux" or os.uname().machine != "x86_64":
+        pytest.skip("the expected level is read from Linux x86-64 /proc/cpuinfo")
+    assert _default_level() == expected
+
+
+def test_environment_variable_selects_the_level():
+    env = dict(os.environ, LAYERNORM_EXT_SIMD="scalar")
+    code = (
+        "import torch, layernorm_ext; print(layernorm_ext.build_info()['simd']); "
+        "print(layernorm_ext.layer_norm(torch.ones(2, 3), (3,)).sum().item())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[0] == "scalar"
+    env["LAYERNORM_EXT_SIMD"] = "sse9"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode != 0 and "unknown SIMD level 'sse9'" in out.stderr
+
+
+def test_unknown_level_name_raises():
+    with pytest.raises(RuntimeError, match="unknown SIMD level 'avx1024'"):
+        _C._set_simd_level("avx1024")
+
+
+# Column counts that cover every tail length of 16-, 8- and 4-lane vectors,
+# the 4-vector unrolled loop and several sum chunks.
+COLS = [1, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 513, 1031, 4099]
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _rel_err(actual, expected):
+    scale = max(expected.abs().max().item(), 1.0)
+    return (actual.double() - expected).abs().max().item() / scale
+
+
+@pytest.mark.parametrize("dtype", list(TOL))
+def test_every_level_matches_float64(level, dtype):
+    g = torch.Generator().manual_seed(11)
+    for cols in COLS:
+        x64 = torch.randn(5, cols, generator=g, dtype=torch.float64) * 3 + 1
+        w64 = torch.randn(cols, generator=g, dtype=torch.float64)
+        b64 = torch.randn(cols, generator=g, dtype=torch.float64)
+        dy64 = torch.randn(5, cols, generator=g, dtype=torch.float64)
+        x, w, b, dy = (t.to(dtype) for t in (x64, w64, b64, dy64))
+        xr, wr, br = (t.double().requires_grad_() for t in (x, w, b))
+        xo, wo, bo = (t.clone().requires_grad_() for t in (x, w, b))
+        for ours, ref, params in (
+            (layernorm_ext.layer_norm(xo, (cols,), wo, bo), F.layer_norm(xr, (cols,), wr, br), 3),
+            (layernorm_ext.rms_norm(xo, (cols,), wo, 1e-6), F.rms_norm(xr, (cols,), wr, 1e-6), 2),
+        ):
+            assert _rel_err(ours, ref) < TOL[dtype], (cols, "forward")
+            got = torch.autograd.grad(ours, (xo, wo, bo)[:params], dy)
+            want = torch.autograd.grad(ref, (xr, wr, br)[:params], dy.double())
+            for name, a, e in zip(("input", "weight", "bias"), got, want):
+                # The weight/bias gradients sum over rows: one more rounding each.
+                assert _rel_err(a, e) < 2 * TOL[dtype], (cols, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_stores_round_like_torch(level, dtype):
+    # The kernels compute a float32 row the same way for a float32 input
+    # holding the same values, so the reduced-precision output must be that
+    # row rounded by torch's conversion, bit for bit. NaN is compared as NaN
+    # only: we store c10::BFloat16's scalar 0x7fc0, torch's vectorized
+    # conversion another NaN pattern.
+    g = torch.Generator().manual_seed(12)
+    x = (torch.randn(9, 300, generator=g) * 4).to(dtype)
+    x[3, 7] = float("nan")
+    w = torch.randn(300, generator=g).to(dtype)
+    b = torch.randn(300, generator=g).to(dtype)
+    reference = layernorm_ext.layer_norm(x.float(), (300,), w.float(), b.float()).to(dtype)
+    ours = layernorm_ext.layer_norm(x, (300,), w, b)
+    finite = ~torch.isnan(reference)
+    assert torch.equal(ours[finite].view(torch.int16), reference[finite].view(torch.int16))
+    assert torch.isnan(ours[3]).all() and torch.equal(torch.isnan(ours), ~finite)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_sum_rounds_ties_to_even_like_torch(level, dtype):
+    # 1 + half an ulp (and odd neighbours) are exact ties: round to even.
+    ulp = torch.finfo(dtype).eps
+    one = torch.ones(4, 40, dtype=dtype)
+    x = one * torch.tensor([1.0, 1.0 + ulp, -1.0, 3.0], dtype=dtype).view(4, 1)
+    r = torch.full((4, 40), ulp / 2, dtype=dtype)
+    r[:, 5] = float("inf")
+    r[:, 6] = float("nan")
+    r[:, 7] = -ulp / 2
+    _, s = layernorm_ext.fused_add_layer_norm(x, r, (40,))
+    expected = x + r
+    finite = ~torch.isnan(expected)
+    assert torch.equal(s[finite].view(torch.int16), expected[finite].view(torch.int16))
+    assert torch.equal(torch.isnan(s), ~finite) and torch.isnan(s[:, 6]).all()
+
+
+def test_thread_count_does_not_change_bits(level):
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(3000, 257, generator=g)
+    w = torch.randn(257, generator=g)
+    b = torch.randn(257, generator=g)
+    dy = torch.randn(3000, 257, generator=g)
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out, mean, rstd = torch.ops.layernorm_ext.layer_norm_forward(x, [257], w, b, 1e-5)
+            grads = torch.ops.layernorm_ext.layer_norm_backward(
+                dy, x, [257], mean, rstd, w, b, [True, True, True]
+            )
+            rms = torch.ops.layernorm_ext.rms_norm_backward(
+                dy, x, [257], torch.ops.layernorm_ext.rms_norm_forward(x, [257], w, 1e-6)[1], w,
+                [True, True],
+            )
+            results.append((out, mean, rstd, *grads, *rms))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, 4096), (torch.bfloat16, 8192)])
+def test_large_outputs_streamed_and_huge_paged_are_exact(level, dtype, rows):
+    # 16 MiB outputs with 64-byte aligned rows take the non-temporal store
+    # path (and ask for huge pages): each row must have the bits it gets in a
+    # small, plainly stored call, since a row's result does not depend on the
+    # other rows; and the whole must match float64.
+    cols = 1024
+    g = torch.Generator().manual_seed(14)
+    x = torch.randn(rows, cols, generator=g).to(dtype)
+    dy = torch.randn(rows, cols, generator=g).to(dtype)
+    w = torch.randn(cols, generator=g).to(dtype)
+    b = torch.randn(cols, generator=g).to(dtype)
+    ops = torch.ops.layernorm_ext
+    out, mean, rstd = ops.layer_norm_forward(x, [cols], w, b, 1e-5)
+    dx = ops.layer_norm_backward(dy, x, [cols], mean, rstd, w, b, [True, False, False])[0]
+    rms_out, rms_rstd = ops.rms_norm_forward(x, [cols], w, 1e-6)
+    for picked in (slice(0, 3), slice(rows - 5, rows)):
+        small_out, small_mean, small_rstd = ops.layer_norm_forward(x[picked], [cols], w, b, 1e-5)
+        assert torch.equal(out[picked], small_out)
+        small_dx = ops.layer_norm_backward(
+            dy[picked], x[picked], [cols], small_mean, small_rstd, w, b, [True, False, False]
+        )[0]
+        assert torch.equal(dx[picked], small_dx)
+        assert torch.equal(rms_out[picked], ops.rms_norm_forward(x[picked], [cols], w, 1e-6)[0])
+    reference = F.layer_norm(x.double(), (cols,), w.double(), b.double())
+    assert _rel_err(out, reference) < TOL[dtype]
+    assert _rel_err(rms_out, F.rms_norm(x.double(), (cols,), w.double(), 1e-6)) < TOL[dtype]

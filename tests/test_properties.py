@@ -2,6 +2,8 @@
 affine options; every op, forward and backward, against torch.nn.functional
 in float64."""
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +13,12 @@ from hypothesis import strategies as st
 import layernorm_ext
 from samples import TOLERANCE
 
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(os.environ.get("LAYERNORM_EXT_PROPERTY_EXAMPLES", "100")),
+    deadline=None,
+    derandomize=True,  # the same examples on every run: CI never turns red by chance
+    suppress_health_check=[HealthCheck.too_slow],
+)
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16])
 
 
@@ -62,7 +69,10 @@ def _leaf(t):
 
 
 def _double_leaf(t):
-    return None if t is None else t.detach().double().requires_grad_()
+    # Contiguous: the same function, and torch's CPU batch_norm backward in
+    # eval returns wrong gradients for some inputs whose size-1 dims make the
+    # layout ambiguous (e.g. shape (1, 2, 2, 1) with strides (1, 1, 2, 1)).
+    return None if t is None else t.detach().contiguous().double().requires_grad_()
 
 
 def row_condition(x, normalized_shape, eps):
@@ -174,5 +184,9 @@ def test_batch_norm_property(case):
     if training and running_mean is not None and x.numel() > 0:
         for ours, ref in zip(ours_stats, ref_stats):
             assert ours.dtype == running_mean.dtype
+            # Rounded to the stats' dtype: a float16 running variance may overflow to inf.
+            ref = ref.to(ours.dtype).double()
             tol = TOLERANCE[ours.dtype] * condition
-            torch.testing.assert_close(ours.double(), ref, atol=tol * max(1.0, ref.abs().max().item()), rtol=tol)
+            finite = ref[torch.isfinite(ref)]
+            scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+            torch.testing.assert_close(ours.double(), ref, atol=tol * scale, rtol=tol)

@@ -84,6 +84,13 @@ RowShape check_row_norm_args(
   return {rows, cols};
 }
 
+void check_eps(const char* op, double eps) {
+  TORCH_CHECK(
+      eps >= 0.0,
+      op, ": expected eps >= 0 (it is added to the variance inside the square root), but got eps=",
+      eps);
+}
+
 void check_row_norm_backward_args(
     const char* op,
     const at::Tensor& grad_output,

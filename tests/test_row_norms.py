@@ -244,3 +244,10 @@ class TestErrors:
     def test_weight_on_another_device(self, norm):
         with pytest.raises(RuntimeError, match=r"expected weight on the input's device cpu, but got weight on meta"):
             norm.ours(torch.randn(2, 3), (3,), torch.empty(3, device="meta"))
+
+    @pytest.mark.parametrize("norm", NORMS, ids=repr)
+    @pytest.mark.parametrize("eps", [-1e-5, float("nan")])
+    def test_negative_or_nan_eps(self, norm, eps):
+        params = (None, None) if norm.has_bias else (None,)
+        with pytest.raises(RuntimeError, match=r"expected eps >= 0 .* but got eps="):
+            norm.ours(torch.randn(2, 3), (3,), *params, eps=eps)

@@ -8,39 +8,9 @@
 
 #include <ATen/ATen.h>
 
-#include <cstdint>
 #include <optional>
 
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
-
 namespace layernorm_ext::cpu {
-
-// Outputs of kHugePageOutputBytes or more are fresh memory mapped for this
-// call: every 4 KiB page faults on its first write, which for a large output
-// costs more than the kernel (about 3 us a page in a VM: 25 ms for 32 MiB
-// against 1 ms of work). Asking for transparent huge pages before the first
-// write (where the system allows it on request) makes that one fault per
-// 2 MiB. torch offers the same for all its allocations behind
-// THP_MEM_ALLOC_ENABLE=1; here it applies to these ops' outputs only.
-constexpr int64_t kHugePageOutputBytes = int64_t{8} << 20;
-
-inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  auto output = at::empty(sizes, options);
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  const auto bytes = static_cast<int64_t>(output.nbytes());
-  if (bytes >= kHugePageOutputBytes) {
-    constexpr std::uintptr_t kHugePage = std::uintptr_t{2} << 20;
-    const auto begin = reinterpret_cast<std::uintptr_t>(output.data_ptr());
-    const auto first = (begin + kHugePage - 1) & ~(kHugePage - 1);
-    const auto last = (begin + static_cast<std::uintptr_t>(bytes)) & ~(kHugePage - 1);
-    // Advice only: where it is refused, the pages fault as before.
-    if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-  }
-#endif
-  return output;
-}
 
 // A weight or bias as `cols` contiguous acc_type values: the tensor itself
 // when it already is, a converted copy otherwise, and `fill` (1 for a weight,

@@ -21,9 +21,7 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,6 +33,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import layernorm_ext  # noqa: E402
+from _report import cpu_description, git_commit  # noqa: E402
 
 ROW_SHAPES = [(64, 768), (1024, 1024), (8192, 1024), (4096, 4096), (16384, 4096)]
 ROW_DTYPES = [torch.float32, torch.bfloat16]
@@ -174,25 +173,6 @@ def measure(case, budget_s):
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def machine_description():
-    model = platform.processor() or platform.machine()
-    if os.path.exists("/proc/cpuinfo"):
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return f"{model}, {os.cpu_count()} logical cores"
-
-
-def git_commit():
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"],
-                             capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def dtype_name(dtype):
     return str(dtype).replace("torch.", "")
 
@@ -306,7 +286,7 @@ def main(argv=None):
                 yield from row_norm_cases(op, shapes, ROW_DTYPES)
 
     header = {
-        "machine": machine_description(),
+        "machine": cpu_description(),
         "torch": torch.__version__,
         "layernorm_ext simd": layernorm_ext.build_info()["simd"],
         "commit": git_commit(),

@@ -24,7 +24,6 @@ import datetime
 import functools
 import math
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import layernorm_ext
+from _report import git_commit
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -358,19 +358,6 @@ def format_row(r):
         f"| {r.op} | {r.shape} | {r.dtype} | {r.direction} | {r.impl} | {r.ms:.4f} | "
         f"{r.gbps:.1f} | {r.pct_copy:.1f} |"
     )
-
-
-def git_commit():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def device_name(device):

@@ -21,7 +21,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import time
 
@@ -33,6 +32,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import layernorm_ext  # noqa: E402 (after the sys.path insert)
+from _report import cpu_description, git_commit  # noqa: E402
 
 RESULT = os.path.join(ROOT, "benchmarks", "results", "sync_batch_norm_cpu.md")
 
@@ -95,39 +95,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _machine():
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores, {platform.system()} {platform.release()}"
-
-
-def _commit():
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _table(rows, args):
     us = 1e6
     lines = [
         "# SyncBatchNorm on CPU (gloo): communication cost per call",
         "",
-        f"- machine: {_machine()}",
-        f"- torch {torch.__version__}, layernorm_ext commit {_commit()}, "
+        f"- machine: {cpu_description()}, {platform.system()} {platform.release()}",
+        f"- torch {torch.__version__}, layernorm_ext commit {git_commit()}, "
         f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
         f"- per rank: float32 input ({args.batch}, C, {args.size}, {args.size}), one thread, "
         f"ranks on 127.0.0.1; median of {args.iters} calls, slowest rank",

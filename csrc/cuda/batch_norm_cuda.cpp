@@ -29,11 +29,6 @@ std::optional<at::Tensor> in_dtype(const std::optional<at::Tensor>& t, at::Scala
   return t.has_value() ? std::optional<at::Tensor>(t->to(dtype).contiguous()) : std::nullopt;
 }
 
-template <typename T>
-const T* optional_ptr(const std::optional<at::Tensor>& t) {
-  return t.has_value() ? t->const_data_ptr<T>() : nullptr;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_impl(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -67,15 +62,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     auto workspace = at::empty({batch_norm_workspace_bytes<cuda_t<T>>(layout)}, x.options().dtype(at::kByte));
     if (training) {
       C10_CUDA_CHECK(batch_norm_forward_training_cuda<cuda_t<T>>(
-          cuda_data<T>(x), optional_ptr<acc>(w), optional_ptr<acc>(b), optional_ptr<acc>(rm),
-          optional_ptr<acc>(rv), cuda_mutable_data<T>(output), save_mean.mutable_data_ptr<acc>(),
+          cuda_data<T>(x), cpu::optional_data<acc>(w), cpu::optional_data<acc>(b), cpu::optional_data<acc>(rm),
+          cpu::optional_data<acc>(rv), cuda_mutable_data<T>(output), save_mean.mutable_data_ptr<acc>(),
           save_rstd.mutable_data_ptr<acc>(), update_mean ? new_mean.mutable_data_ptr<acc>() : nullptr,
           update_var ? new_var.mutable_data_ptr<acc>() : nullptr, momentum, eps, layout,
           workspace.mutable_data_ptr(), current_stream()));
     } else {
       C10_CUDA_CHECK(batch_norm_forward_eval_cuda<cuda_t<T>>(
-          cuda_data<T>(x), optional_ptr<acc>(w), optional_ptr<acc>(b), optional_ptr<acc>(rm),
-          optional_ptr<acc>(rv), cuda_mutable_data<T>(output), save_mean.mutable_data_ptr<acc>(),
+          cuda_data<T>(x), cpu::optional_data<acc>(w), cpu::optional_data<acc>(b), cpu::optional_data<acc>(rm),
+          cpu::optional_data<acc>(rv), cuda_mutable_data<T>(output), save_mean.mutable_data_ptr<acc>(),
           save_rstd.mutable_data_ptr<acc>(), eps, layout, workspace.mutable_data_ptr(),
           current_stream()));
     }
@@ -121,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_impl(
     using acc = cpu::acc_t<T>;
     auto workspace = at::empty({batch_norm_workspace_bytes<cuda_t<T>>(layout)}, x.options().dtype(at::kByte));
     C10_CUDA_CHECK(batch_norm_backward_cuda<cuda_t<T>>(
-        cuda_data<T>(dy), cuda_data<T>(x), optional_ptr<acc>(w), mean.const_data_ptr<acc>(),
+        cuda_data<T>(dy), cuda_data<T>(x), cpu::optional_data<acc>(w), mean.const_data_ptr<acc>(),
         rstd.const_data_ptr<acc>(), training,
         output_mask[0] ? cuda_mutable_data<T>(grad_input) : nullptr,
         want_weight ? grad_weight_acc.mutable_data_ptr<acc>() : nullptr,

@@ -100,6 +100,37 @@ def statistics_gradient(input, mean, rstd, grad_mean, grad_rstd, cols):
     return None if grad is None else grad.reshape(input.shape).to(input.dtype)
 
 
+def row_norm_grads(
+    center, grad_output, input, normalized_shape, cols, mean, rstd, weight, bias, mask, grad_mean, grad_rstd
+):
+    """Gradients of a row norm's (input, weight[, bias]) from the incoming
+    gradients of its (output, mean, rstd), each of which may be None: the
+    backward op for grad_output, plus the input's path through the returned
+    statistics. LayerNorm when center (with bias), RMSNorm otherwise (mean,
+    bias and grad_mean unused). Entries outside ``mask`` are None."""
+    grads = [None] * len(mask)
+    if grad_output is not None:
+        if center:
+            grads = list(
+                torch.ops.layernorm_ext.layer_norm_backward(
+                    grad_output, input, normalized_shape, mean, rstd, weight, bias, mask
+                )
+            )
+        else:
+            grads = list(
+                torch.ops.layernorm_ext.rms_norm_backward(
+                    grad_output, input, normalized_shape, rstd, weight, mask
+                )
+            )
+    if mask[0]:
+        through_stats = statistics_gradient(
+            input, mean if center else None, rstd, grad_mean if center else None, grad_rstd, cols
+        )
+        if through_stats is not None:
+            grads[0] = through_stats if grads[0] is None else grads[0] + through_stats
+    return [g if wanted else None for g, wanted in zip(grads, mask)]
+
+
 def backward_of_backward(
     center, grad_output, input, mean, rstd, weight, grad_grad_input, grad_grad_weight, grad_grad_bias, cols
 ):

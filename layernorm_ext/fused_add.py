@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from ._row_norm_autograd import statistics_gradient
+from ._row_norm_autograd import row_norm_grads
 from ._shapes import batch_shape, normalized_shape_list, stats_dtype
 from .rms_norm import default_rms_eps
 
@@ -100,25 +100,12 @@ def _layer_norm_backward(ctx, grad_output, grad_sum, grad_mean, grad_rstd):
         weight is not None and ctx.needs_input_grad[3],
         bias is not None and ctx.needs_input_grad[4],
     ]
-    grad_from_norm, grad_weight, grad_bias = (None, None, None)
-    if grad_output is not None:
-        grad_from_norm, grad_weight, grad_bias = _ops.layer_norm_backward(
-            grad_output, sum_, ctx.normalized_shape, mean, rstd, weight, bias, mask
-        )
-    through_stats = (
-        statistics_gradient(sum_, mean, rstd, grad_mean, grad_rstd, ctx.cols) if mask[0] else None
+    grad_from_norm, grad_weight, grad_bias = row_norm_grads(
+        True, grad_output, sum_, ctx.normalized_shape, ctx.cols, mean, rstd, weight, bias, mask,
+        grad_mean, grad_rstd,
     )
-    grad_input, grad_residual = _grad_of_sum(
-        ctx, grad_from_norm if mask[0] else None, through_stats, grad_sum
-    )
-    return (
-        grad_input,
-        grad_residual,
-        None,
-        grad_weight if mask[1] else None,
-        grad_bias if mask[2] else None,
-        None,
-    )
+    grad_input, grad_residual = _grad_of_sum(ctx, grad_from_norm, grad_sum)
+    return grad_input, grad_residual, None, grad_weight, grad_bias, None
 
 
 def _rms_norm_setup_context(ctx, inputs, output):
@@ -136,18 +123,12 @@ def _rms_norm_backward(ctx, grad_output, grad_sum, grad_rstd):
         ctx.needs_input_grad[0] or ctx.needs_input_grad[1],
         weight is not None and ctx.needs_input_grad[3],
     ]
-    grad_from_norm, grad_weight = (None, None)
-    if grad_output is not None:
-        grad_from_norm, grad_weight = _ops.rms_norm_backward(
-            grad_output, sum_, ctx.normalized_shape, rstd, weight, mask
-        )
-    through_stats = (
-        statistics_gradient(sum_, None, rstd, None, grad_rstd, ctx.cols) if mask[0] else None
+    grad_from_norm, grad_weight = row_norm_grads(
+        False, grad_output, sum_, ctx.normalized_shape, ctx.cols, None, rstd, weight, None, mask,
+        None, grad_rstd,
     )
-    grad_input, grad_residual = _grad_of_sum(
-        ctx, grad_from_norm if mask[0] else None, through_stats, grad_sum
-    )
-    return (grad_input, grad_residual, None, grad_weight if mask[1] else None, None)
+    grad_input, grad_residual = _grad_of_sum(ctx, grad_from_norm, grad_sum)
+    return grad_input, grad_residual, None, grad_weight, None
 
 
 torch.library.register_autograd(

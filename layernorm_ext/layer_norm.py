@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ._row_norm_autograd import backward_of_backward, statistics_gradient
+from ._row_norm_autograd import backward_of_backward, row_norm_grads
 from ._shapes import (
     batch_shape,
     check_same_device,
@@ -87,19 +87,10 @@ def _backward(ctx, grad_output, grad_mean, grad_rstd):
         weight is not None and ctx.needs_input_grad[2],
         bias is not None and ctx.needs_input_grad[3],
     ]
-    grads = [None, None, None]
-    if grad_output is not None:
-        grads = list(
-            _ops.layer_norm_backward(
-                grad_output, input, ctx.normalized_shape, mean, rstd, weight, bias, mask
-            )
-        )
-    through_stats = (
-        statistics_gradient(input, mean, rstd, grad_mean, grad_rstd, ctx.cols) if mask[0] else None
+    grad_input, grad_weight, grad_bias = row_norm_grads(
+        True, grad_output, input, ctx.normalized_shape, ctx.cols, mean, rstd, weight, bias, mask,
+        grad_mean, grad_rstd,
     )
-    if through_stats is not None:
-        grads[0] = through_stats if grads[0] is None else grads[0] + through_stats
-    grad_input, grad_weight, grad_bias = (g if wanted else None for g, wanted in zip(grads, mask))
     return grad_input, None, grad_weight, grad_bias, None
 
 

@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from ._row_norm_autograd import backward_of_backward, statistics_gradient
+from ._row_norm_autograd import backward_of_backward, row_norm_grads
 from ._shapes import (
     batch_shape,
     check_same_device,
@@ -82,17 +82,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_output, grad_rstd):
     input, weight, rstd = ctx.saved_tensors
     mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]]
-    grads = [None, None]
-    if grad_output is not None:
-        grads = list(
-            _ops.rms_norm_backward(grad_output, input, ctx.normalized_shape, rstd, weight, mask)
-        )
-    through_stats = (
-        statistics_gradient(input, None, rstd, None, grad_rstd, ctx.cols) if mask[0] else None
+    grad_input, grad_weight = row_norm_grads(
+        False, grad_output, input, ctx.normalized_shape, ctx.cols, None, rstd, weight, None, mask,
+        None, grad_rstd,
     )
-    if through_stats is not None:
-        grads[0] = through_stats if grads[0] is None else grads[0] + through_stats
-    grad_input, grad_weight = (g if wanted else None for g, wanted in zip(grads, mask))
     return grad_input, None, grad_weight, None
 
 

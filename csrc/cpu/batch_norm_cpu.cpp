@@ -3,6 +3,7 @@
 #include "../batch_norm_checks.h"
 #include "../row_norm_checks.h"
 #include "batch_norm_kernels.h"
+#include "output_cache.h"
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -49,7 +50,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   const auto b = optional_contiguous(bias);
   const auto old_mean = optional_contiguous(running_mean);
   const auto old_var = optional_contiguous(running_var);
-  auto output = at::empty(input.sizes(), x.options().memory_format(format));
+  auto output = empty_output(input.sizes(), x.options(), format);
   const auto stats_options = x.options().dtype(accumulate_type(x.scalar_type()));
   auto save_mean = at::empty({shape.channels}, stats_options);
   auto save_rstd = at::empty({shape.channels}, stats_options);
@@ -95,7 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const bool want_bias = output_mask[2] && bias.has_value();
   const auto weight_options = weight.has_value() ? weight->options() : x.options();
   const auto bias_options = bias.has_value() ? bias->options() : weight_options;
-  auto grad_input = want_input ? at::empty(input.sizes(), x.options().memory_format(format))
+  auto grad_input = want_input ? empty_output(input.sizes(), x.options(), format)
                                : at::empty({0}, x.options());
   auto grad_weight = at::empty({want_weight ? shape.channels : 0}, weight_options);
   auto grad_bias = at::empty({want_bias ? shape.channels : 0}, bias_options);

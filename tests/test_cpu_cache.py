@@ -1,0 +1,199 @@
+"""The CPU output cache (csrc/cpu/output_cache.h, layernorm_ext/cpu_cache.py):
+large outputs reuse freed blocks, stale bytes never reach a result, the limit
+holds, and the tensors it makes behave like any other CPU tensor."""
+
+import os
+import pickle
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import layernorm_ext
+
+ROWS, COLS = 256, 1024  # 1 MiB of float32: above the cache's 256 KiB floor
+LIMIT = 1 << 30
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    layernorm_ext.set_cpu_cache_limit(LIMIT)
+    layernorm_ext.empty_cpu_cache()
+    yield
+    layernorm_ext.set_cpu_cache_limit(LIMIT)
+    layernorm_ext.empty_cpu_cache()
+
+
+def _layer_norm_reference(x, weight, bias):
+    return F.layer_norm(x.double(), (x.shape[-1],), weight.double(), bias.double()).to(x.dtype)
+
+
+def test_freed_output_block_is_reused_and_stale_bytes_never_leak():
+    x = torch.randn(ROWS, COLS)
+    weight, bias = torch.randn(COLS), torch.randn(COLS)
+    first = layernorm_ext.layer_norm(x, (COLS,), weight, bias)
+    address = first.data_ptr()
+    first.fill_(float("nan"))
+    del first
+    before = layernorm_ext.cpu_cache_info()
+    assert before["cached_bytes"] >= ROWS * COLS * 4
+
+    x2 = torch.randn(ROWS, COLS)
+    second = layernorm_ext.layer_norm(x2, (COLS,), weight, bias)
+    after = layernorm_ext.cpu_cache_info()
+    assert second.data_ptr() == address
+    assert after["hits"] == before["hits"] + 1
+    torch.testing.assert_close(second, _layer_norm_reference(x2, weight, bias))
+
+
+def test_every_op_output_comes_from_the_cache():
+    x = torch.randn(ROWS, COLS, requires_grad=True)
+    weight = torch.randn(COLS, requires_grad=True)
+    images = torch.randn(8, 64, 32, 32, requires_grad=True)  # 2 MiB
+    calls = {
+        "layer_norm": lambda: layernorm_ext.layer_norm(x, (COLS,), weight),
+        "rms_norm": lambda: layernorm_ext.rms_norm(x, (COLS,), weight),
+        "fused_add_rms_norm": lambda: layernorm_ext.fused_add_rms_norm(x, x.detach(), (COLS,), weight)[0],
+        "batch_norm": lambda: layernorm_ext.batch_norm(images, None, None, training=True),
+        "batch_norm channels_last": lambda: layernorm_ext.batch_norm(
+            images.detach().contiguous(memory_format=torch.channels_last), None, None, training=True
+        ),
+    }
+
+    def step(call):
+        out = call()
+        if out.requires_grad:
+            torch.autograd.grad(out, [x, weight, images], torch.randn_like(out), allow_unused=True)
+
+    for name, call in calls.items():
+        step(call)  # warm: the blocks this op needs are now idle in the cache
+        before = layernorm_ext.cpu_cache_info()
+        step(call)
+        after = layernorm_ext.cpu_cache_info()
+        assert after["misses"] == before["misses"], name
+        assert after["hits"] > before["hits"], name
+
+
+def test_small_outputs_bypass_the_cache():
+    before = layernorm_ext.cpu_cache_info()
+    layernorm_ext.layer_norm(torch.randn(16, 64), (64,))
+    assert layernorm_ext.cpu_cache_info() == before
+
+
+def test_limit_zero_turns_caching_off():
+    layernorm_ext.set_cpu_cache_limit(0)
+    out = layernorm_ext.rms_norm(torch.randn(ROWS, COLS), (COLS,))
+    del out
+    assert layernorm_ext.cpu_cache_info()["cached_bytes"] == 0
+
+
+def test_the_oldest_block_goes_first_when_over_the_limit():
+    block = ROWS * COLS * 4
+    layernorm_ext.set_cpu_cache_limit(block + block // 2)  # room for one block
+    small = layernorm_ext.layer_norm(torch.randn(ROWS, COLS), (COLS,))
+    large = layernorm_ext.layer_norm(torch.randn(ROWS, COLS + 512), (COLS + 512,))
+    large_address = large.data_ptr()
+    del small, large  # small is freed first, so it is evicted when large arrives
+    info = layernorm_ext.cpu_cache_info()
+    assert info["cached_bytes"] == block * 3 // 2
+    again = layernorm_ext.layer_norm(torch.randn(ROWS, COLS + 512), (COLS + 512,))
+    assert again.data_ptr() == large_address
+
+
+def test_lowering_the_limit_and_emptying_release_idle_blocks():
+    outs = [layernorm_ext.layer_norm(torch.randn(ROWS, COLS), (COLS,)) for _ in range(3)]
+    del outs
+    assert layernorm_ext.cpu_cache_info()["cached_bytes"] == 3 * ROWS * COLS * 4
+    layernorm_ext.set_cpu_cache_limit(ROWS * COLS * 4)
+    assert layernorm_ext.cpu_cache_info()["cached_bytes"] == ROWS * COLS * 4
+    assert layernorm_ext.empty_cpu_cache() == ROWS * COLS * 4
+    assert layernorm_ext.cpu_cache_info()["cached_bytes"] == 0
+    with pytest.raises(RuntimeError, match="expected a limit >= 0 bytes, but got -1"):
+        layernorm_ext.set_cpu_cache_limit(-1)
+
+
+def test_a_block_is_not_reused_for_a_much_smaller_request():
+    big = layernorm_ext.layer_norm(torch.randn(4 * ROWS, COLS), (COLS,))
+    big_address = big.data_ptr()
+    del big
+    small = layernorm_ext.layer_norm(torch.randn(ROWS, COLS), (COLS,))
+    assert small.data_ptr() != big_address
+
+
+def test_cached_outputs_behave_like_torch_tensors(tmp_path):
+    x = torch.randn(ROWS, COLS)
+    out = layernorm_ext.layer_norm(x, (COLS,))
+    expected = out.clone()
+    # Growing the storage goes through the cache's allocator; data is kept.
+    out.resize_(2 * ROWS, COLS)
+    assert torch.equal(out[:ROWS], expected)
+    out.resize_(ROWS, COLS)
+    out.mul_(2).add_(1)
+    assert torch.equal(out, expected * 2 + 1)
+    assert torch.equal(torch.from_numpy(out.numpy()), out)
+    assert torch.equal(pickle.loads(pickle.dumps(out)), out)
+    torch.save(out, tmp_path / "out.pt")
+    assert torch.equal(torch.load(tmp_path / "out.pt"), out)
+    shared = layernorm_ext.layer_norm(x, (COLS,)).share_memory_()
+    assert shared.is_shared() and torch.equal(shared, expected)
+
+
+def test_python_threads_share_the_cache_safely():
+    weight = torch.randn(COLS)
+    inputs = [torch.randn(ROWS, COLS) for _ in range(4)]
+    expected = [_layer_norm_reference(x, weight, torch.zeros(COLS)) for x in inputs]
+    failures = []
+
+    def work(i):
+        for _ in range(25):
+            out = layernorm_ext.layer_norm(inputs[i], (COLS,), weight)
+            if not torch.allclose(out, expected[i], atol=1e-5, rtol=1e-5):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+
+
+def _run_python(code, **env):
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+        env={**os.environ, **env},
+    )
+
+
+def test_environment_sets_the_limit():
+    code = (
+        "import torch, layernorm_ext; layernorm_ext.layer_norm(torch.randn(256, 1024), (1024,)); "
+        "print(layernorm_ext.cpu_cache_info())"
+    )
+    assert "'limit_bytes': 0," in _run_python(code, LAYERNORM_EXT_CPU_CACHE_MB="0").stdout
+    assert "'limit_bytes': 3145728," in _run_python(code, LAYERNORM_EXT_CPU_CACHE_MB="3").stdout
+    bad = _run_python(code, LAYERNORM_EXT_CPU_CACHE_MB="lots")
+    assert "'limit_bytes': 1073741824," in bad.stdout
+    assert "LAYERNORM_EXT_CPU_CACHE_MB must be a whole number of MiB >= 0, but is 'lots'" in bad.stderr
+
+
+def test_a_forked_child_can_use_the_cache():
+    code = (
+        "import os, torch, layernorm_ext\n"
+        "x = torch.randn(256, 1024)\n"
+        "out = layernorm_ext.layer_norm(x, (1024,)); del out\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        # GNU OpenMP cannot start a parallel region in a forked child (torch's
+        # own ops hang there too); DataLoader workers run one thread likewise.
+        "    torch.set_num_threads(1)\n"
+        "    out = layernorm_ext.layer_norm(x, (1024,))\n"
+        "    ok = torch.allclose(out, torch.nn.functional.layer_norm(x, (1024,)), atol=1e-5)\n"
+        "    os._exit(0 if ok and layernorm_ext.cpu_cache_info()['hits'] >= 1 else 3)\n"
+        "_, status = os.waitpid(pid, 0)\n"
+        "print('child', os.waitstatus_to_exitcode(status))\n"
+    )
+    assert "child 0" in _run_python(code).stdout

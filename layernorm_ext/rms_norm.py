@@ -1,13 +1,15 @@
 """RMSNorm: ``rms_norm`` (as torch.nn.functional.rms_norm) and ``RMSNorm`` (a
-drop-in torch.nn.RMSNorm), with the fake kernels and the autograd formula of
-the ``layernorm_ext::rms_norm_forward`` / ``rms_norm_backward`` ops.
+drop-in torch.nn.RMSNorm), with the fake kernels of the
+``layernorm_ext::rms_norm_forward`` / ``rms_norm_backward`` ops and the
+autograd formula of the backward op (double backward); the forward op's
+autograd is C++ (csrc/autograd.cpp).
 """
 
 import math
 
 import torch
 
-from ._row_norm_autograd import backward_of_backward, row_norm_grads
+from ._row_norm_autograd import backward_of_backward
 from ._shapes import (
     batch_shape,
     check_same_device,
@@ -71,24 +73,6 @@ def _rms_norm_backward_fake(grad_output, input, normalized_shape, rstd, weight, 
     )
 
 
-def _setup_context(ctx, inputs, output):
-    input, normalized_shape, weight, _ = inputs
-    ctx.save_for_backward(input, weight, output[1])
-    ctx.normalized_shape = normalized_shape
-    ctx.cols = math.prod(normalized_shape)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_output, grad_rstd):
-    input, weight, rstd = ctx.saved_tensors
-    mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]]
-    grad_input, grad_weight = row_norm_grads(
-        False, grad_output, input, ctx.normalized_shape, ctx.cols, None, rstd, weight, None, mask,
-        None, grad_rstd,
-    )
-    return grad_input, None, grad_weight, None
-
-
 def _backward_setup_context(ctx, inputs, output):
     grad_output, input, normalized_shape, rstd, weight, output_mask = inputs
     ctx.save_for_backward(grad_output, input, rstd, weight)
@@ -109,9 +93,6 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight):
     return d_grad_output, d_input, None, d_rstd, d_weight, None
 
 
-torch.library.register_autograd(
-    "layernorm_ext::rms_norm_forward", _backward, setup_context=_setup_context
-)
 torch.library.register_autograd(
     "layernorm_ext::rms_norm_backward", _backward_backward, setup_context=_backward_setup_context
 )

@@ -47,10 +47,23 @@ def batch_norm(
         input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
     )
     if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean.view_as(running_mean))
-            running_var.copy_(new_var.view_as(running_var))
+        _copy_into(running_mean, new_mean)
+        _copy_into(running_var, new_var)
     return output
+
+
+def _copy_into(buffer, value):
+    """buffer <- value, an updated running statistic: shape [C] into a buffer of
+    any shape of C elements. The op's value does not require grad, so copy_
+    records nothing unless the buffer does; only then is torch.no_grad (a
+    microsecond per call, as much as the view) needed."""
+    if buffer.dim() != 1:
+        value = value.view_as(buffer)
+    if buffer.requires_grad:
+        with torch.no_grad():
+            buffer.copy_(value)
+    else:
+        buffer.copy_(value)
 
 
 def _batch_norm_module_forward(self, input):

@@ -12,7 +12,7 @@ returned ``s``) goes to both ``input`` and ``residual``.
 
 import torch
 
-from ._shapes import batch_shape, normalized_shape_list, stats_dtype
+from ._shapes import as_normalized_shape, batch_shape, stats_dtype
 from .rms_norm import default_rms_eps
 
 _ops = torch.ops.layernorm_ext
@@ -27,7 +27,7 @@ def fused_add_layer_norm(input, residual, normalized_shape, weight=None, bias=No
     would be.
     """
     output, sum_, _, _ = _ops.fused_add_layer_norm_forward(
-        input, residual, normalized_shape_list(normalized_shape), weight, bias, float(eps)
+        input, residual, as_normalized_shape(normalized_shape), weight, bias, float(eps)
     )
     return output, sum_
 
@@ -41,7 +41,7 @@ def fused_add_rms_norm(input, residual, normalized_shape, weight=None, eps=None)
     if eps is None:
         eps = default_rms_eps(input.dtype)
     output, sum_, _ = _ops.fused_add_rms_norm_forward(
-        input, residual, normalized_shape_list(normalized_shape), weight, float(eps)
+        input, residual, as_normalized_shape(normalized_shape), weight, float(eps)
     )
     return output, sum_
 

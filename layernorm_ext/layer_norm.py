@@ -11,10 +11,10 @@ import torch
 
 from ._row_norm_autograd import backward_of_backward
 from ._shapes import (
+    as_normalized_shape,
     batch_shape,
     check_same_device,
     empty_unless,
-    normalized_shape_list,
     stats_dtype,
 )
 
@@ -31,7 +31,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     computed in float32; their weight and bias may be float32.
     """
     output, _, _ = _ops.layer_norm_forward(
-        input, normalized_shape_list(normalized_shape), weight, bias, float(eps)
+        input, as_normalized_shape(normalized_shape), weight, bias, float(eps)
     )
     return output
 

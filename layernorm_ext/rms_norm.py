@@ -11,14 +11,17 @@ import torch
 
 from ._row_norm_autograd import backward_of_backward
 from ._shapes import (
+    as_normalized_shape,
     batch_shape,
     check_same_device,
     empty_unless,
-    normalized_shape_list,
     stats_dtype,
 )
 
 _ops = torch.ops.layernorm_ext
+
+# Looked up once: torch.finfo takes 0.4 us, a tenth of a small call.
+_MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float32, torch.float64)}
 
 
 def default_rms_eps(dtype: torch.dtype) -> float:
@@ -28,7 +31,7 @@ def default_rms_eps(dtype: torch.dtype) -> float:
     machine epsilon of the type they compute in: float32 for float16/bfloat16
     inputs (1.19e-7, not bfloat16's 7.8e-3). We match what torch computes.
     """
-    return torch.finfo(stats_dtype(dtype)).eps
+    return _MACHINE_EPS[stats_dtype(dtype)]
 
 
 def rms_norm(input, normalized_shape, weight=None, eps=None):
@@ -41,7 +44,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     if eps is None:
         eps = default_rms_eps(input.dtype)
     output, _ = _ops.rms_norm_forward(
-        input, normalized_shape_list(normalized_shape), weight, float(eps)
+        input, as_normalized_shape(normalized_shape), weight, float(eps)
     )
     return output
 

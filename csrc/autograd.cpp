@@ -9,8 +9,9 @@
 // grad, and its few microseconds are most of the time of a small norm. The
 // backward ops keep their Python autograd (closed-form double backward in
 // layernorm_ext/_row_norm_autograd.py and batch_norm.py), which the
-// dispatcher reaches when the backward below calls them; the statistics path
-// is written in ATen ops, so that it is differentiable too.
+// dispatcher reaches when the backward below is itself recorded
+// (create_graph); the statistics path is written in ATen ops, so that it is
+// differentiable too.
 //
 // normalized_shape is SymInt[] in the schemas (a kernel taking SymInts cannot
 // be registered for int[]), and these kernels take and pass it on as SymInts
@@ -101,6 +102,24 @@ auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& op, Args&&..
   return op.call(std::forward<Args>(args)...);
 }
 
+// Whether autograd must record a call on these tensors: grad mode is on and
+// one of them requires grad. When it need not (torch.no_grad, nothing
+// requiring grad; in backward, no create_graph) the ops below run without
+// their autograd kernels: a forward's Function::apply would build a node only
+// to drop it (and refuses functorch transforms such as vmap even then), and
+// a backward op's Python autograd kernel costs microseconds to record nothing.
+template <class... Args>
+bool records_grad(const Args&... tensors) {
+  return torch::autograd::compute_requires_grad(tensors...);
+}
+
+// Calls an op through its autograd kernel if `record`, else below it.
+template <class Signature, class... Args>
+auto call_op(const c10::TypedOperatorHandle<Signature>& op, bool record, Args&&... args) {
+  if (record) return op.call(std::forward<Args>(args)...);
+  return call_below_autograd(op, std::forward<Args>(args)...);
+}
+
 OptionalTensor optional_if_defined(const Tensor& t) {
   return t.defined() ? OptionalTensor(t) : std::nullopt;
 }
@@ -117,15 +136,6 @@ std::array<bool, N> wanted_grads(AutogradContext* ctx, std::array<bool, N> prese
     if (present[i]) wanted[i] = ctx->needs_input_grad(index++);
   }
   return wanted;
-}
-
-// Whether autograd must record this call. When it need not (torch.no_grad,
-// nothing requiring grad) the op runs directly: Function::apply would build a
-// node only to drop it, and a C++ autograd Function refuses functorch
-// transforms (vmap) even then.
-template <class... Args>
-bool records_grad(const Args&... tensors) {
-  return torch::autograd::compute_requires_grad(tensors...);
 }
 
 template <size_t... I>
@@ -229,14 +239,15 @@ std::array<Tensor, 3> row_norm_grads(
   const std::array<bool, 3> mask{wanted[0] || wanted[1], wanted[2], wanted[3]};
   std::array<Tensor, 3> grads;
   if (grad_output.defined()) {
+    const bool record = records_grad(grad_output, normalized, mean, rstd, weight, bias);
     if (center) {
-      std::tie(grads[0], grads[1], grads[2]) = ops().layer_norm_backward.call(
-          grad_output, normalized, normalized_shape, mean, rstd, optional_if_defined(weight),
-          optional_if_defined(bias), mask);
+      std::tie(grads[0], grads[1], grads[2]) = call_op(
+          ops().layer_norm_backward, record, grad_output, normalized, normalized_shape, mean,
+          rstd, optional_if_defined(weight), optional_if_defined(bias), mask);
     } else {
-      std::tie(grads[0], grads[1]) = ops().rms_norm_backward.call(
-          grad_output, normalized, normalized_shape, rstd, optional_if_defined(weight),
-          {mask[0], mask[1]});
+      std::tie(grads[0], grads[1]) = call_op(
+          ops().rms_norm_backward, record, grad_output, normalized, normalized_shape, rstd,
+          optional_if_defined(weight), std::array<bool, 2>{mask[0], mask[1]});
     }
   }
   keep_masked(grads, mask);
@@ -387,9 +398,10 @@ struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
     const auto mask = wanted_grads<3>(ctx, {true, weight.defined(), bias.defined()});
     std::array<Tensor, 3> g;
     if (grads[0].defined()) {
-      std::tie(g[0], g[1], g[2]) = ops().batch_norm_backward.call(
-          grads[0], input, optional_if_defined(weight), optional_if_defined(bias), save_mean,
-          save_rstd, training, mask);
+      const bool record = records_grad(grads[0], input, weight, bias, save_mean, save_rstd);
+      std::tie(g[0], g[1], g[2]) = call_op(
+          ops().batch_norm_backward, record, grads[0], input, optional_if_defined(weight),
+          optional_if_defined(bias), save_mean, save_rstd, training, mask);
     }
     keep_masked(g, mask);
     // In training the returned batch statistics depend on the input (in eval

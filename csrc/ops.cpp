@@ -1,13 +1,19 @@
 // The schema of every layernorm_ext op, defined once. Each backend registers
 // its kernels in its own file (cpu/*.cpp, cuda/*_cuda.cpp) with
-// TORCH_LIBRARY_IMPL; fake (meta) kernels and autograd formulas are registered
-// from Python, next to each op's wrapper (layernorm_ext/<op>.py).
+// TORCH_LIBRARY_IMPL; the forward ops' autograd is C++ too, one kernel for
+// every backend (autograd.cpp). Fake (meta) kernels, and the autograd formulas
+// of the backward ops (double backward), are registered from Python, next to
+// each op's wrapper (layernorm_ext/<op>.py).
 //
 // Conventions shared by all ops:
 //  - statistics (mean, rstd) are returned in the accumulation type: float64 for
 //    float64 input, float32 for everything else, shaped like the input's
 //    non-normalized (batch) dims;
 //  - BatchNorm statistics are per channel (dim 1), shape [C];
+//  - normalized_shape is SymInt[], as in aten::native_layer_norm: under
+//    torch.compile(dynamic=True) the sizes are symbolic, and the C++ autograd
+//    kernels must take and pass them on as SymInts (backend kernels may take
+//    int64 sizes: the dispatcher converts concrete ones);
 //  - no op mutates its arguments: batch_norm_forward returns the updated
 //    running statistics and the Python wrapper copies them into the buffers
 //    (aten::copy_), so that autograd, functionalization and opcheck see pure
@@ -20,20 +26,20 @@
 TORCH_LIBRARY(layernorm_ext, m) {
   const std::vector<at::Tag> tags{at::Tag::pt2_compliant_tag};
   m.def(
-      "layer_norm_forward(Tensor input, int[] normalized_shape, Tensor? weight, "
+      "layer_norm_forward(Tensor input, SymInt[] normalized_shape, Tensor? weight, "
       "Tensor? bias, float eps) -> (Tensor output, Tensor mean, Tensor rstd)",
       tags);
   m.def(
-      "layer_norm_backward(Tensor grad_output, Tensor input, int[] normalized_shape, "
+      "layer_norm_backward(Tensor grad_output, Tensor input, SymInt[] normalized_shape, "
       "Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, bool[3] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)",
       tags);
   m.def(
-      "rms_norm_forward(Tensor input, int[] normalized_shape, Tensor? weight, "
+      "rms_norm_forward(Tensor input, SymInt[] normalized_shape, Tensor? weight, "
       "float eps) -> (Tensor output, Tensor rstd)",
       tags);
   m.def(
-      "rms_norm_backward(Tensor grad_output, Tensor input, int[] normalized_shape, "
+      "rms_norm_backward(Tensor grad_output, Tensor input, SymInt[] normalized_shape, "
       "Tensor rstd, Tensor? weight, bool[2] output_mask) "
       "-> (Tensor grad_input, Tensor grad_weight)",
       tags);
@@ -58,12 +64,12 @@ TORCH_LIBRARY(layernorm_ext, m) {
   // norm, computed in one pass. Backward: layer_norm_backward /
   // rms_norm_backward on sum, whose gradient then goes to both addends.
   m.def(
-      "fused_add_layer_norm_forward(Tensor input, Tensor residual, int[] normalized_shape, "
+      "fused_add_layer_norm_forward(Tensor input, Tensor residual, SymInt[] normalized_shape, "
       "Tensor? weight, Tensor? bias, float eps) -> (Tensor output, Tensor sum, Tensor mean, "
       "Tensor rstd)",
       tags);
   m.def(
-      "fused_add_rms_norm_forward(Tensor input, Tensor residual, int[] normalized_shape, "
+      "fused_add_rms_norm_forward(Tensor input, Tensor residual, SymInt[] normalized_shape, "
       "Tensor? weight, float eps) -> (Tensor output, Tensor sum, Tensor rstd)",
       tags);
 }

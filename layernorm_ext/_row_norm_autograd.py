@@ -1,6 +1,8 @@
-"""Autograd formulas shared by the norms (LayerNorm and BatchNorm: center=True,
-RMSNorm: center=False), written in differentiable torch ops so that the
-backward ops have their own derivatives (double backward, gradient penalties).
+"""Autograd formulas of the backward ops, shared by the norms (LayerNorm and
+BatchNorm: center=True, RMSNorm: center=False), written in differentiable
+torch ops so that the backward ops have their own derivatives (double
+backward, gradient penalties). The forward ops' autograd is C++
+(csrc/autograd.cpp): it calls the backward ops, whose derivatives these are.
 
 Notation, per group of N elements normalized together (a row of a row norm,
 a channel of BatchNorm in training): xhat = (x - mean) * rstd (mean = 0
@@ -12,8 +14,9 @@ without centering), g = grad_output * weight, and the backward op computes
     grad_bias   = sum of grad_output over what shares a bias
 
 The backward ops take mean and rstd as inputs, so their derivatives below are
-partial in them; the forward ops' backward adds the path through the
-statistics (d mean / dx = 1/N, d rstd / dx = -rstd^2 * xhat / N).
+partial in them; the forward ops' backward (in C++, in differentiable ATen
+ops) adds the path through the statistics (d mean / dx = 1/N,
+d rstd / dx = -rstd^2 * xhat / N).
 """
 
 import torch
@@ -23,21 +26,6 @@ import torch
 # broadcast against (rows, cols) and their gradients are sums over
 # `param_dim`: 0 for LayerNorm/RMSNorm (one weight per column, shape
 # (1, cols)), 1 for BatchNorm (one weight per channel row, shape (rows, 1)).
-
-
-def statistics_gradient_2d(x, mean, rstd, grad_mean, grad_rstd):
-    """The gradient of x that flows back through mean and rstd (None if none does)."""
-    if grad_mean is None and grad_rstd is None:
-        return None
-    cols = x.shape[1]
-    x = x.to(rstd.dtype)
-    grad = torch.zeros_like(x)
-    if grad_mean is not None:
-        grad = grad + grad_mean / cols
-    if grad_rstd is not None:
-        centered = x - mean if mean is not None else x
-        grad = grad - grad_rstd * rstd.pow(3) * centered / cols
-    return grad
 
 
 def backward_of_backward_2d(center, grad_output, x, mean, rstd, weight, gx, gw, gb, param_dim):
@@ -89,46 +77,6 @@ def backward_of_backward_2d(center, grad_output, x, mean, rstd, weight, gx, gw, 
 
 def _rows(t, cols):
     return t.reshape(-1, cols)
-
-
-def statistics_gradient(input, mean, rstd, grad_mean, grad_rstd, cols):
-    """The input gradient that flows back through a row norm's mean and rstd."""
-    column = lambda t: None if t is None else t.reshape(-1, 1)  # noqa: E731
-    grad = statistics_gradient_2d(
-        _rows(input, cols), column(mean), column(rstd), column(grad_mean), column(grad_rstd)
-    )
-    return None if grad is None else grad.reshape(input.shape).to(input.dtype)
-
-
-def row_norm_grads(
-    center, grad_output, input, normalized_shape, cols, mean, rstd, weight, bias, mask, grad_mean, grad_rstd
-):
-    """Gradients of a row norm's (input, weight[, bias]) from the incoming
-    gradients of its (output, mean, rstd), each of which may be None: the
-    backward op for grad_output, plus the input's path through the returned
-    statistics. LayerNorm when center (with bias), RMSNorm otherwise (mean,
-    bias and grad_mean unused). Entries outside ``mask`` are None."""
-    grads = [None] * len(mask)
-    if grad_output is not None:
-        if center:
-            grads = list(
-                torch.ops.layernorm_ext.layer_norm_backward(
-                    grad_output, input, normalized_shape, mean, rstd, weight, bias, mask
-                )
-            )
-        else:
-            grads = list(
-                torch.ops.layernorm_ext.rms_norm_backward(
-                    grad_output, input, normalized_shape, rstd, weight, mask
-                )
-            )
-    if mask[0]:
-        through_stats = statistics_gradient(
-            input, mean if center else None, rstd, grad_mean if center else None, grad_rstd, cols
-        )
-        if through_stats is not None:
-            grads[0] = through_stats if grads[0] is None else grads[0] + through_stats
-    return [g if wanted else None for g, wanted in zip(grads, mask)]
 
 
 def backward_of_backward(

@@ -5,8 +5,12 @@ import numbers
 import torch
 
 
-def normalized_shape_list(normalized_shape) -> list:
-    """normalized_shape as torch.nn accepts it (an int or a sequence), as a list."""
+def as_normalized_shape(normalized_shape):
+    """normalized_shape as torch.nn accepts it (an int or a sequence), as a
+    list or tuple (the ops take either). Tuples and lists, what the modules
+    pass, go through untouched: the Integral check (an ABC) costs more."""
+    if isinstance(normalized_shape, (tuple, list)):
+        return normalized_shape
     if isinstance(normalized_shape, numbers.Integral):
         return [int(normalized_shape)]
     return list(normalized_shape)

@@ -1,7 +1,8 @@
 """BatchNorm: ``batch_norm`` (as torch.nn.functional.batch_norm) and
 ``BatchNorm1d`` / ``BatchNorm2d`` / ``BatchNorm3d`` (drop-ins for torch.nn's),
-with the fake kernels and the autograd formula of the
-``layernorm_ext::batch_norm_forward`` / ``batch_norm_backward`` ops.
+with the fake kernels of the ``layernorm_ext::batch_norm_forward`` /
+``batch_norm_backward`` ops and the autograd formula of the backward op
+(double backward); the forward op's autograd is C++ (csrc/autograd.cpp).
 
 The ops never mutate: ``batch_norm_forward`` returns the updated running
 statistics and :func:`batch_norm` copies them into the buffers, after every
@@ -10,7 +11,7 @@ check has passed, so a call that raises leaves the buffers as they were.
 
 import torch
 
-from ._row_norm_autograd import backward_of_backward_2d, statistics_gradient_2d
+from ._row_norm_autograd import backward_of_backward_2d
 from ._shapes import empty_unless, stats_dtype
 
 _ops = torch.ops.layernorm_ext
@@ -46,10 +47,23 @@ def batch_norm(
         input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
     )
     if training and running_mean is not None:
-        with torch.no_grad():
-            running_mean.copy_(new_mean.view_as(running_mean))
-            running_var.copy_(new_var.view_as(running_var))
+        _copy_into(running_mean, new_mean)
+        _copy_into(running_var, new_var)
     return output
+
+
+def _copy_into(buffer, value):
+    """buffer <- value, an updated running statistic: shape [C] into a buffer of
+    any shape of C elements. The op's value does not require grad, so copy_
+    records nothing unless the buffer does; only then is torch.no_grad (a
+    microsecond per call, as much as the view) needed."""
+    if buffer.dim() != 1:
+        value = value.view_as(buffer)
+    if buffer.requires_grad:
+        with torch.no_grad():
+            buffer.copy_(value)
+    else:
+        buffer.copy_(value)
 
 
 def _batch_norm_module_forward(self, input):
@@ -169,60 +183,6 @@ def _from_channel_rows(rows, like):
 
 def _column(t):
     return None if t is None else t.reshape(-1, 1)
-
-
-def _setup_context(ctx, inputs, output):
-    input, weight, bias, _, _, training, _, _ = inputs
-    _, save_mean, save_rstd, _, _ = output
-    ctx.save_for_backward(input, weight, bias, save_mean, save_rstd)
-    ctx.training = training
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_output, grad_mean, grad_rstd, _grad_new_mean, _grad_new_var):
-    input, weight, bias, save_mean, save_rstd = ctx.saved_tensors
-    mask = [
-        ctx.needs_input_grad[0],
-        weight is not None and ctx.needs_input_grad[1],
-        bias is not None and ctx.needs_input_grad[2],
-    ]
-    grads = [None, None, None]
-    if grad_output is not None:
-        grads = list(
-            _ops.batch_norm_backward(
-                grad_output, input, weight, bias, save_mean, save_rstd, ctx.training, mask
-            )
-        )
-    # In training the returned batch statistics depend on the input.
-    through_stats = (
-        statistics_gradient_2d(
-            _channel_rows(input), _column(save_mean), _column(save_rstd),
-            _column(grad_mean), _column(grad_rstd),
-        )
-        if mask[0] and ctx.training
-        else None
-    )
-    if through_stats is not None:
-        through_stats = _from_channel_rows(through_stats, input).to(input.dtype)
-        grads[0] = through_stats if grads[0] is None else grads[0] + through_stats
-    grad_input, grad_weight, grad_bias = (g if wanted else None for g, wanted in zip(grads, mask))
-    # The ops return per-channel gradients of shape [C]; a parameter may have
-    # any shape of C elements (torch checks the count only).
-    return (
-        grad_input,
-        grad_weight.view_as(weight) if grad_weight is not None else None,
-        grad_bias.view_as(bias) if grad_bias is not None else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "layernorm_ext::batch_norm_forward", _backward, setup_context=_setup_context
-)
 
 
 def _backward_setup_context(ctx, inputs, output):

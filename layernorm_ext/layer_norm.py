@@ -1,18 +1,20 @@
 """LayerNorm: ``layer_norm`` (as torch.nn.functional.layer_norm) and ``LayerNorm``
-(a drop-in torch.nn.LayerNorm), with the fake kernels and the autograd formula
-of the ``layernorm_ext::layer_norm_forward`` / ``layer_norm_backward`` ops.
+(a drop-in torch.nn.LayerNorm), with the fake kernels of the
+``layernorm_ext::layer_norm_forward`` / ``layer_norm_backward`` ops and the
+autograd formula of the backward op (double backward); the forward op's
+autograd is C++ (csrc/autograd.cpp).
 """
 
 import math
 
 import torch
 
-from ._row_norm_autograd import backward_of_backward, row_norm_grads
+from ._row_norm_autograd import backward_of_backward
 from ._shapes import (
+    as_normalized_shape,
     batch_shape,
     check_same_device,
     empty_unless,
-    normalized_shape_list,
     stats_dtype,
 )
 
@@ -29,7 +31,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     computed in float32; their weight and bias may be float32.
     """
     output, _, _ = _ops.layer_norm_forward(
-        input, normalized_shape_list(normalized_shape), weight, bias, float(eps)
+        input, as_normalized_shape(normalized_shape), weight, bias, float(eps)
     )
     return output
 
@@ -71,29 +73,6 @@ def _layer_norm_backward_fake(
     )
 
 
-def _setup_context(ctx, inputs, output):
-    input, normalized_shape, weight, bias, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(input, weight, bias, mean, rstd)
-    ctx.normalized_shape = normalized_shape
-    ctx.cols = math.prod(normalized_shape)
-    ctx.set_materialize_grads(False)
-
-
-def _backward(ctx, grad_output, grad_mean, grad_rstd):
-    input, weight, bias, mean, rstd = ctx.saved_tensors
-    mask = [
-        ctx.needs_input_grad[0],
-        weight is not None and ctx.needs_input_grad[2],
-        bias is not None and ctx.needs_input_grad[3],
-    ]
-    grad_input, grad_weight, grad_bias = row_norm_grads(
-        True, grad_output, input, ctx.normalized_shape, ctx.cols, mean, rstd, weight, bias, mask,
-        grad_mean, grad_rstd,
-    )
-    return grad_input, None, grad_weight, grad_bias, None
-
-
 def _backward_setup_context(ctx, inputs, output):
     grad_output, input, normalized_shape, mean, rstd, weight, _, output_mask = inputs
     ctx.save_for_backward(grad_output, input, mean, rstd, weight)
@@ -114,9 +93,6 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
     return d_grad_output, d_input, None, d_mean, d_rstd, d_weight, None, None
 
 
-torch.library.register_autograd(
-    "layernorm_ext::layer_norm_forward", _backward, setup_context=_setup_context
-)
 torch.library.register_autograd(
     "layernorm_ext::layer_norm_backward", _backward_backward, setup_context=_backward_setup_context
 )

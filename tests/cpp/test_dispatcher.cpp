@@ -1,7 +1,8 @@
 // Calls the layernorm_ext ops of the layernorm_ext_ops library from C++,
 // through the dispatcher only (no Python), and compares them with ATen's own
 // LayerNorm and an RMSNorm built from ATen ops, both computed in float64 on the
-// same random inputs (outputs, statistics and, via autograd, gradients).
+// same random inputs (outputs, statistics and, via autograd, gradients), and
+// the gradients that the forward ops' own autograd gives from C++.
 // Exits 1, naming every case that failed, on any mismatch or missing op.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -121,6 +122,15 @@ OptionalTensor reference_leaf(const OptionalTensor& t) {
   return t ? OptionalTensor(reference_leaf(*t)) : std::nullopt;
 }
 
+// A leaf alias of an op's argument, so that autograd keeps its gradient.
+Tensor leaf(const Tensor& t) {
+  return t.detach().requires_grad_();
+}
+
+OptionalTensor leaf(const OptionalTensor& t) {
+  return t ? OptionalTensor(leaf(*t)) : std::nullopt;
+}
+
 void check_layer_norm(Checker& checker, const Case& c) {
   static const auto forward = find_op<LayerNormForward>("layernorm_ext::layer_norm_forward");
   static const auto backward = find_op<LayerNormBackward>("layernorm_ext::layer_norm_backward");
@@ -154,6 +164,18 @@ void check_layer_norm(Checker& checker, const Case& c) {
   if (c.affine) {
     checker.expect_close(name + ": grad_weight", grad_weight, weight64->grad(), tolerance);
     checker.expect_close(name + ": grad_bias", grad_bias, bias64->grad(), tolerance);
+  }
+
+  // The forward op's own autograd (csrc/autograd.cpp) works without Python.
+  const auto input_leaf = leaf(input);
+  const auto weight_leaf = leaf(weight);
+  std::get<0>(forward.call(input_leaf, c.normalized_shape, weight_leaf, bias, eps))
+      .backward(grad_output);
+  checker.expect_close(name + ": autograd grad_input", input_leaf.grad(), input64.grad(),
+                       tolerance);
+  if (c.affine) {
+    checker.expect_close(name + ": autograd grad_weight", weight_leaf->grad(), weight64->grad(),
+                         tolerance);
   }
 }
 
@@ -189,6 +211,11 @@ void check_rms_norm(Checker& checker, const Case& c) {
   if (c.affine) {
     checker.expect_close(name + ": grad_weight", grad_weight, weight64->grad(), tolerance);
   }
+
+  const auto input_leaf = leaf(input);
+  std::get<0>(forward.call(input_leaf, c.normalized_shape, weight, eps)).backward(grad_output);
+  checker.expect_close(name + ": autograd grad_input", input_leaf.grad(), input64.grad(),
+                       tolerance);
 }
 
 }  // namespace

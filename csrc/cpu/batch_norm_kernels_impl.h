@@ -87,12 +87,17 @@ struct MomentsMerge {
   }
 };
 
-// Adds per-channel sums.
+// Adds per-channel sums (into none yet, when count is 0: a copy).
 struct SumsMerge {
   template <typename acc>
   static void merge(
-      acc* first, acc* second, int64_t, const acc* other_first, const acc* other_second, int64_t,
-      int64_t channels) {
+      acc* first, acc* second, int64_t count, const acc* other_first, const acc* other_second,
+      int64_t, int64_t channels) {
+    if (count == 0) {
+      std::copy(other_first, other_first + channels, first);
+      std::copy(other_second, other_second + channels, second);
+      return;
+    }
     for_each_vector<acc>(channels, [&](auto tag, int64_t c) {
       using V = decltype(tag);
       (V::load(first + c) + V::load(other_first + c)).store(first + c);
@@ -223,8 +228,11 @@ inline int64_t row_fold(int64_t channels) {
 // `channels` entries are the per-channel values.
 template <typename acc>
 std::vector<acc> widen(const acc* per_channel, int64_t channels) {
-  std::vector<acc> wide(row_fold(channels) * channels);
-  for (size_t j = 0; j < wide.size(); ++j) wide[j] = per_channel[j % channels];
+  const int64_t fold = row_fold(channels);
+  std::vector<acc> wide(fold * channels);
+  for (int64_t k = 0; k < fold; ++k) {
+    std::copy(per_channel, per_channel + channels, wide.begin() + k * channels);
+  }
   return wide;
 }
 
@@ -301,11 +309,16 @@ ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& s
   const int64_t width = fold * channels;
   const int64_t rows = layout.outer / fold;
   const int64_t sub_rows = std::max<int64_t>(1, kStatBlock / width);
+  // As many blocks as threads could use (a block a task, and no block of
+  // less than kParallelGrain elements), within the bounds: every block costs
+  // a merge of `width` values.
   const int64_t blocks = std::min<int64_t>(
       {(rows + sub_rows - 1) / sub_rows, kMaxRowBlocks,
+       std::max<int64_t>(1, rows * width / kParallelGrain),
        std::max<int64_t>(1, kMaxPartialBytes / (2 * width * static_cast<int64_t>(sizeof(acc))))});
-  // Block b's statistics: first at [2 * b * width, (2 * b + 1) * width), then second.
-  std::vector<acc> partials(2 * blocks * width, acc(0));
+  // Block b's statistics: first at [2 * b * width, (2 * b + 1) * width), then
+  // second; written by the block's first merge.
+  std::unique_ptr<acc[]> partials(new acc[2 * blocks * width]);
   auto block_rows = [&](int64_t block) {
     return std::make_pair(rows * block / blocks, rows * (block + 1) / blocks);
   };
@@ -315,7 +328,7 @@ ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& s
       [&](int64_t block_begin, int64_t block_end) {
         std::vector<acc> scratch(2 * width);
         for (int64_t block = block_begin; block < block_end; ++block) {
-          acc* first = partials.data() + 2 * block * width;
+          acc* first = partials.get() + 2 * block * width;
           const auto [row_begin, row_end] = block_rows(block);
           for (int64_t row = row_begin; row < row_end; row += sub_rows) {
             const int64_t count = std::min(row_end - row, sub_rows);
@@ -328,7 +341,7 @@ ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& s
       });
   std::vector<acc> wide(2 * width, acc(0));
   for (int64_t block = 0; block < blocks; ++block) {
-    const acc* first = partials.data() + 2 * block * width;
+    const acc* first = partials.get() + 2 * block * width;
     const auto [row_begin, row_end] = block_rows(block);
     Merge::merge(
         wide.data(), wide.data() + width, row_begin, first, first + width, row_end - row_begin,

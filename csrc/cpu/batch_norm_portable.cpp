@@ -9,6 +9,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 // No FP contraction (see batch_norm_avx512.cpp), whatever -march the build uses.

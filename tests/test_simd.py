@@ -220,6 +220,7 @@ BN_CASES = [
     ((3, 2, 14, 14), torch.contiguous_format),
     ((5, 1, 4099), torch.contiguous_format),
     ((40, 3, 70, 71), torch.contiguous_format),  # several statistics blocks per channel
+    ((50, 7, 13, 17), torch.contiguous_format),  # short planes: channels swept in groups
     ((7, 3, 5, 3), torch.channels_last),
     ((5, 17, 3, 3), torch.channels_last),
     ((3, 100, 3, 5), torch.channels_last),
@@ -293,7 +294,8 @@ def test_batch_norm_reduced_precision_stores_round_like_torch(level, dtype, memo
 @pytest.mark.parametrize(
     "shape,memory_format",
     [((8, 16, 48, 48), torch.contiguous_format), ((8, 16, 48, 48), torch.channels_last),
-     ((8, 1, 96, 96), torch.contiguous_format), ((20000, 3), torch.contiguous_format),
+     ((8, 1, 96, 96), torch.contiguous_format), ((50, 7, 13, 17), torch.contiguous_format),
+     ((20000, 3), torch.contiguous_format),
      ((3000, 70), torch.contiguous_format)],
 )
 def test_batch_norm_thread_count_does_not_change_bits(level, shape, memory_format):

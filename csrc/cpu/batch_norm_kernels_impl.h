@@ -27,8 +27,10 @@
 // then normalize) and writes it once; the backward sweeps x and dy twice
 // (per-channel sums, then dx; the eval dx reads dy only). In the plane layout
 // with at least one channel per thread, a task owns whole channels and runs
-// both sweeps of a channel back to back, so the second one reads it from
-// cache and memory sees one read (reduce_and_apply_per_channel). A block's
+// both sweeps of a group of adjacent channels back to back, so the second one
+// reads it from cache and memory sees one read (reduce_and_apply_per_channel);
+// a group's planes of one sample are adjacent, so the first sweep reads long
+// stretches of memory in address order even when planes are short. A block's
 // mean and then its squared deviations are two sweeps over a block of about
 // kStatBlock elements, the second one from L1/L2, so the variance is the exact
 // two-pass one (a channel with mean 1e4 and unit variance keeps full
@@ -128,59 +130,100 @@ inline void write_elements(T* out, int64_t length, bool stream, const Value& val
   for (; j < length; ++j) value(Scalar<acc>{}, j).store(out + j);
 }
 
-// Calls run(offset, length) for each stretch of contiguous elements of
-// channel c among its positions [begin, end) (position = o * inner + i) in
-// the plane layout.
+// Calls run(c, offset, length) for each stretch of contiguous elements of
+// channels [c0, c1) among their positions [begin, end) (position = o * inner
+// + i) in the plane layout, in address order: the stretches of one sample's
+// planes, one channel after the other, then those of the next sample. Each
+// channel's stretches come in position order.
 template <typename Run>
-inline void for_each_channel_run(
-    const ChannelLayout& layout, int64_t c, int64_t begin, int64_t end, const Run& run) {
+inline void for_each_group_run(
+    const ChannelLayout& layout, int64_t c0, int64_t c1, int64_t begin, int64_t end,
+    const Run& run) {
   int64_t o = begin / layout.inner;
   int64_t i = begin % layout.inner;
   while (begin < end) {
     const int64_t length = std::min(layout.inner - i, end - begin);
-    run((o * layout.channels + c) * layout.inner + i, length);
+    for (int64_t c = c0; c < c1; ++c) run(c, (o * layout.channels + c) * layout.inner + i, length);
     begin += length;
     ++o;
     i = 0;
   }
 }
 
-// Plane layout: a channel's statistics from its blocks of kStatBlock
-// positions, block_stats(begin, end) giving one block's pair, merged in block
-// order. Every plane-layout reduction ends here, whichever task computed the
-// blocks, so the bits depend on the shape alone.
+// Most channels a plane-layout task sweeps together (see channel_group).
+constexpr int64_t kMaxGroupChannels = 64;
+// A channel group's planes of one sample make a stretch of about this many
+// bytes at least: every stretch starts with the hardware prefetchers
+// catching up, a wait on memory...
+constexpr int64_t kGroupStretchBytes = int64_t{32} << 10;
+// ...and the group's data, swept a second time right after the first, stays
+// within about this many bytes (an L2), unless one channel is already more.
+constexpr int64_t kGroupCacheBytes = int64_t{1} << 20;
+
+// Plane layout: the statistics of channels [c0, c1) from their blocks of
+// kStatBlock positions, block_stats(c0, c1, begin, end, stats) giving the
+// pair of each channel's block [begin, end), merged in block order into
+// totals (one pair per channel of the group). Every plane-layout reduction
+// ends here, whichever task computed the blocks and however many channels it
+// swept at once, so the bits depend on the shape alone.
 template <typename Merge, typename acc, typename BlockStats>
-std::array<acc, 2> merge_channel_blocks(int64_t positions, const BlockStats& block_stats) {
-  std::array<acc, 2> total{acc(0), acc(0)};
+void merge_channel_blocks(
+    int64_t positions, int64_t c0, int64_t c1, const BlockStats& block_stats,
+    std::array<acc, 2>* totals) {
+  std::array<std::array<acc, 2>, kMaxGroupChannels> block;
+  std::fill(totals, totals + (c1 - c0), std::array<acc, 2>{acc(0), acc(0)});
   for (int64_t begin = 0; begin < positions; begin += kStatBlock) {
-    const std::array<acc, 2> block = block_stats(begin, std::min(positions, begin + kStatBlock));
-    Merge::merge(
-        &total[0], &total[1], begin, &block[0], &block[1],
-        std::min(positions - begin, kStatBlock), int64_t{1});
+    const int64_t end = std::min(positions, begin + kStatBlock);
+    block_stats(c0, c1, begin, end, block.data());
+    for (int64_t k = 0; k < c1 - c0; ++k) {
+      Merge::merge(
+          &totals[k][0], &totals[k][1], begin, &block[k][0], &block[k][1], end - begin,
+          int64_t{1});
+    }
   }
-  return total;
 }
 
-// Plane layout, many channels: a task owns whole channels, and reduces each
-// one's blocks and then runs its elementwise pass while the channel is still
-// in cache (L2, or L3 for big channels), where a separate pass would read it
-// back from memory. finish_channel(c, first, second) receives the channel's
-// statistics, then apply_channel(c) runs its pass.
+// How many adjacent channels a plane-layout task sweeps at once: enough that
+// one sample's planes of the group are a long stretch of memory (a short
+// plane alone would start every stretch with a wait on memory, the next one
+// being C planes away), few enough that the group's `streams` tensors stay
+// in cache for the second sweep, and that every thread gets a group.
+template <typename T>
+int64_t channel_group(const ChannelLayout& layout, int64_t streams) {
+  const int64_t plane_bytes = layout.inner * static_cast<int64_t>(sizeof(T));
+  const int64_t channel_bytes = std::max<int64_t>(1, layout.outer * plane_bytes * streams);
+  const int64_t threads = at::get_num_threads();
+  return std::max<int64_t>(
+      1, std::min<int64_t>(
+             {(kGroupStretchBytes + plane_bytes - 1) / plane_bytes, kGroupCacheBytes / channel_bytes,
+              (layout.channels + threads - 1) / threads, kMaxGroupChannels}));
+}
+
+// Plane layout, many channels: a task owns whole groups of `group` channels
+// (channel_group), and reduces a group's blocks, sweeping them in address
+// order, and then runs its elementwise pass while the group is still in
+// cache (L2, or L3 for big channels), where a separate pass would read it
+// back from memory. finish_channel(c, first, second) receives each channel's
+// statistics, then apply_group(c0, c1) runs the pass of channels [c0, c1).
 template <typename Merge, typename acc, typename BlockStats, typename Finish, typename Apply>
 void reduce_and_apply_per_channel(
     const ChannelLayout& layout,
+    int64_t group,
     const BlockStats& block_stats,
     const Finish& finish_channel,
-    const Apply& apply_channel) {
+    const Apply& apply_group) {
   const int64_t positions = layout.outer * layout.inner;
+  const int64_t groups = (layout.channels + group - 1) / group;
   at::parallel_for(
-      0, layout.channels, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(positions, 1)),
-      [&](int64_t channel_begin, int64_t channel_end) {
-        for (int64_t c = channel_begin; c < channel_end; ++c) {
-          const auto stats = merge_channel_blocks<Merge, acc>(
-              positions, [&](int64_t begin, int64_t end) { return block_stats(c, begin, end); });
-          finish_channel(c, stats[0], stats[1]);
-          apply_channel(c);
+      0, groups,
+      std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(group * positions, 1)),
+      [&](int64_t group_begin, int64_t group_end) {
+        std::array<std::array<acc, 2>, kMaxGroupChannels> stats;
+        for (int64_t g = group_begin; g < group_end; ++g) {
+          const int64_t c0 = g * group, c1 = std::min(layout.channels, c0 + group);
+          merge_channel_blocks<Merge, acc>(positions, c0, c1, block_stats, stats.data());
+          for (int64_t c = c0; c < c1; ++c) finish_channel(c, stats[c - c0][0], stats[c - c0][1]);
+          apply_group(c0, c1);
         }
         stream_fence();
       });
@@ -198,16 +241,21 @@ ChannelPair<acc> reduce_planes(const ChannelLayout& layout, const BlockStats& bl
       0, channels * blocks, std::max<int64_t>(1, kParallelGrain / kStatBlock),
       [&](int64_t task_begin, int64_t task_end) {
         for (int64_t task = task_begin; task < task_end; ++task) {
+          const int64_t c = task / blocks;
           const int64_t begin = (task % blocks) * kStatBlock;
           const int64_t end = std::min(positions, begin + kStatBlock);
-          partials[task] = block_stats(task / blocks, begin, end);
+          block_stats(c, c + 1, begin, end, &partials[task]);
         }
       });
   ChannelPair<acc> totals{std::vector<acc>(channels), std::vector<acc>(channels)};
   for (int64_t c = 0; c < channels; ++c) {
-    const auto stats = merge_channel_blocks<Merge, acc>(positions, [&](int64_t begin, int64_t) {
-      return partials[c * blocks + begin / kStatBlock];
-    });
+    std::array<acc, 2> stats;
+    merge_channel_blocks<Merge, acc>(
+        positions, c, c + 1,
+        [&](int64_t, int64_t, int64_t begin, int64_t, std::array<acc, 2>* block) {
+          *block = partials[c * blocks + begin / kStatBlock];
+        },
+        &stats);
     totals.first[c] = stats[0];
     totals.second[c] = stats[1];
   }
@@ -401,11 +449,13 @@ void parallel_elementwise(const ChannelLayout& layout, const Row& row, const Pla
       });
 }
 
-// Calls plane_run(offset, inner, c) for every plane of channel c.
+// Calls plane_run(offset, inner, c) for every plane of channels [c0, c1),
+// in address order.
 template <typename PlaneRun>
-void for_each_plane_of_channel(const ChannelLayout& layout, int64_t c, const PlaneRun& plane_run) {
+void for_each_plane_of_group(
+    const ChannelLayout& layout, int64_t c0, int64_t c1, const PlaneRun& plane_run) {
   for (int64_t o = 0; o < layout.outer; ++o) {
-    plane_run((o * layout.channels + c) * layout.inner, layout.inner, c);
+    for (int64_t c = c0; c < c1; ++c) plane_run((o * layout.channels + c) * layout.inner, layout.inner, c);
   }
 }
 
@@ -418,7 +468,9 @@ void for_each_plane_of_channel(const ChannelLayout& layout, int64_t c, const Pla
 // the error the rounding of the mean leaves in the first.
 template <typename T>
 struct MomentsSweep {
+  using scalar = T;
   using acc = acc_t<T>;
+  static constexpr int64_t kStreams = 1;  // tensors the sweep reads: x
   const T* x;
   ChannelLayout layout;
 
@@ -450,31 +502,38 @@ struct MomentsSweep {
         });
   }
 
-  std::array<acc, 2> plane_block(int64_t c, int64_t begin, int64_t end) const {
-    const int64_t first =
-        (begin / layout.inner * layout.channels + c) * layout.inner + begin % layout.inner;
-    const acc shift = static_cast<acc>(x[first]);
+  // The (mean, m2) of the block [begin, end) of each of channels [c0, c1).
+  void plane_blocks(
+      int64_t c0, int64_t c1, int64_t begin, int64_t end, std::array<acc, 2>* stats) const {
+    std::array<acc, kMaxGroupChannels> shift, shifted_sum, mean, sum_squares, sum_deviations;
+    const int64_t o = begin / layout.inner, i = begin % layout.inner;
+    for (int64_t c = c0; c < c1; ++c) {
+      shift[c - c0] = static_cast<acc>(x[(o * layout.channels + c) * layout.inner + i]);
+      shifted_sum[c - c0] = sum_squares[c - c0] = sum_deviations[c - c0] = acc(0);
+    }
     const acc inv_count = acc(1) / static_cast<acc>(end - begin);
-    acc shifted_sum = 0;
-    for_each_channel_run(layout, c, begin, end, [&](int64_t offset, int64_t length) {
-      shifted_sum += chunked_sums<acc>(length, [&](auto tag, int64_t j) {
+    for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
+      const acc s = shift[c - c0];
+      shifted_sum[c - c0] += chunked_sums<acc>(length, [&](auto tag, int64_t j) {
         using V = decltype(tag);
-        const V d = V::load(x + offset + j) - V::broadcast(shift);
+        const V d = V::load(x + offset + j) - V::broadcast(s);
         return Sums2<V>{d, d};
       }).first;
     });
-    const acc mean = shift + shifted_sum * inv_count;
-    acc sum_squares = 0, sum_deviations = 0;
-    for_each_channel_run(layout, c, begin, end, [&](int64_t offset, int64_t length) {
+    for (int64_t k = 0; k < c1 - c0; ++k) mean[k] = shift[k] + shifted_sum[k] * inv_count;
+    for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
+      const acc mu = mean[c - c0];
       const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
         using V = decltype(tag);
-        const V d = V::load(x + offset + j) - V::broadcast(mean);
+        const V d = V::load(x + offset + j) - V::broadcast(mu);
         return Sums2<V>{d * d, d};
       });
-      sum_squares += run.first;
-      sum_deviations += run.second;
+      sum_squares[c - c0] += run.first;
+      sum_deviations[c - c0] += run.second;
     });
-    return {mean, sum_squares - sum_deviations * sum_deviations * inv_count};
+    for (int64_t k = 0; k < c1 - c0; ++k) {
+      stats[k] = {mean[k], sum_squares[k] - sum_deviations[k] * sum_deviations[k] * inv_count};
+    }
   }
 };
 
@@ -482,7 +541,9 @@ struct MomentsSweep {
 // wide_mean is the mean widened to a folded row (see widen).
 template <typename T>
 struct GradSumsSweep {
+  using scalar = T;
   using acc = acc_t<T>;
+  static constexpr int64_t kStreams = 2;  // dy and x
   const T* grad_output;
   const T* x;
   const acc* wide_mean;
@@ -505,19 +566,20 @@ struct GradSumsSweep {
         });
   }
 
-  std::array<acc, 2> plane_block(int64_t c, int64_t begin, int64_t end) const {
-    std::array<acc, 2> sums{acc(0), acc(0)};
-    const acc mu = wide_mean[c];
-    for_each_channel_run(layout, c, begin, end, [&](int64_t offset, int64_t length) {
+  // The sums over the block [begin, end) of each of channels [c0, c1).
+  void plane_blocks(
+      int64_t c0, int64_t c1, int64_t begin, int64_t end, std::array<acc, 2>* stats) const {
+    std::fill(stats, stats + (c1 - c0), std::array<acc, 2>{acc(0), acc(0)});
+    for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
+      const acc mu = wide_mean[c];
       const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
         using V = decltype(tag);
         const V g = V::load(grad_output + offset + j);
         return Sums2<V>{g, g * (V::load(x + offset + j) - V::broadcast(mu))};
       });
-      sums[0] += run.first;
-      sums[1] += run.second;
+      stats[c - c0][0] += run.first;
+      stats[c - c0][1] += run.second;
     });
-    return sums;
   }
 };
 
@@ -543,20 +605,21 @@ void reduce_then_apply(
     const PlaneRun& plane_run) {
   using acc = typename Sweep::acc;
   const ChannelLayout& layout = sweep.layout;
-  auto plane_block = [&](int64_t c, int64_t begin, int64_t end) {
-    return sweep.plane_block(c, begin, end);
-  };
+  auto plane_blocks = [&](int64_t c0, int64_t c1, int64_t begin, int64_t end,
+                          std::array<acc, 2>* stats) { sweep.plane_blocks(c0, c1, begin, end, stats); };
   if (layout.inner > 1 && layout.channels >= at::get_num_threads()) {
-    reduce_and_apply_per_channel<Merge, acc>(layout, plane_block, finish_channel, [&](int64_t c) {
-      if (elementwise) for_each_plane_of_channel(layout, c, plane_run);
-    });
+    reduce_and_apply_per_channel<Merge, acc>(
+        layout, channel_group<typename Sweep::scalar>(layout, Sweep::kStreams), plane_blocks,
+        finish_channel, [&](int64_t c0, int64_t c1) {
+          if (elementwise) for_each_plane_of_group(layout, c0, c1, plane_run);
+        });
     return;
   }
   auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* first, acc* second) {
     sweep.rows_sub_block(offset, rows, width, first, second);
   };
   const auto stats = layout.inner == 1 ? reduce_rows<Merge, acc>(layout, rows_sub_block)
-                                       : reduce_planes<Merge, acc>(layout, plane_block);
+                                       : reduce_planes<Merge, acc>(layout, plane_blocks);
   for (int64_t c = 0; c < layout.channels; ++c) finish_channel(c, stats.first[c], stats.second[c]);
   if (!elementwise) return;
   if (layout.inner == 1) widen_coefficients();

@@ -324,12 +324,14 @@ def test_batch_norm_thread_count_does_not_change_bits(level, shape, memory_forma
     "shape,memory_format,dtype",
     [((16, 64, 64, 64), torch.contiguous_format, torch.float32),
      ((16, 67, 63, 64), torch.channels_last, torch.float32),
-     ((32, 65, 63, 65), torch.contiguous_format, torch.bfloat16)],
+     ((32, 65, 63, 65), torch.contiguous_format, torch.bfloat16),
+     ((700, 250, 5, 5), torch.contiguous_format, torch.float32)],  # planes of 1 to 2 Vecs
 )
 def test_batch_norm_large_outputs_streamed_are_exact(level, shape, memory_format, dtype):
     # Outputs of 16 MiB or more take the non-temporal store path, planes and
     # rows at any alignment (the first elements up to a 64-byte boundary are
-    # stored plainly). The eval forward and backward are elementwise, so a
+    # stored plainly, and runs too short to reach a boundary and fill a Vec
+    # after it are not streamed). The eval forward and backward are elementwise, so a
     # slice of the batch, small enough to be stored plainly, must get the
     # same bits; the training forward is checked against float64.
     g = torch.Generator().manual_seed(18)

@@ -108,26 +108,36 @@ struct SumsMerge {
   }
 };
 
-// Writes out[j] = value(tag, j) for j in [0, length), a Vec at a time and the
-// tail with Scalar. With `stream`, the Vec stores are non-temporal: the
-// elements before the first kStreamAlignment boundary are stored plainly,
-// so that every streamed Vec is aligned.
+// Writes out[j] = value(tag, j) for j in [0, length), a Vec at a time. The
+// ragged ends of a run of at least a Vec are written by a Vec that overlaps
+// its neighbour (an element's value does not depend on which Vec computes
+// it, so the overlap stores the same bits twice): one store where Scalar
+// would take up to kLanes - 1, which matters for short planes (14 x 14 = 12
+// Vecs of 16 and 4 left over). Shorter runs go through Scalar. With
+// `stream`, the Vec stores from the first kStreamAlignment boundary on are
+// non-temporal, so that every streamed Vec is aligned.
 template <typename acc, typename T, typename Value>
 inline void write_elements(T* out, int64_t length, bool stream, const Value& value) {
   using V = Vec<acc>;
   constexpr int64_t L = V::kLanes;
+  if (length < L) {
+    for (int64_t j = 0; j < length; ++j) value(Scalar<acc>{}, j).store(out + j);
+    return;
+  }
   int64_t j = 0;
   if (stream) {
+    // Elements before the first aligned one (up to 64 bytes' worth, which
+    // may be more than a Vec).
     const auto misalignment = reinterpret_cast<std::uintptr_t>(out) % kStreamAlignment;
-    const int64_t head = misalignment == 0
-        ? 0
-        : std::min<int64_t>(length, (kStreamAlignment - misalignment) / sizeof(T));
-    for (; j < head; ++j) value(Scalar<acc>{}, j).store(out + j);
-    for (; j + L <= length; j += L) value(V{}, j).stream(out + j);
-  } else {
-    for (; j + L <= length; j += L) value(V{}, j).store(out + j);
+    const int64_t head =
+        misalignment == 0 ? 0 : (kStreamAlignment - misalignment) / static_cast<int64_t>(sizeof(T));
+    if (head + L <= length) {
+      for (; j < head; j += L) value(V{}, j).store(out + j);
+      for (j = head; j + L <= length; j += L) value(V{}, j).stream(out + j);
+    }
   }
-  for (; j < length; ++j) value(Scalar<acc>{}, j).store(out + j);
+  for (; j + L <= length; j += L) value(V{}, j).store(out + j);
+  if (j < length) value(V{}, length - L).store(out + length - L);
 }
 
 // Calls run(c, offset, length) for each stretch of contiguous elements of

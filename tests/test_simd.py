@@ -1,7 +1,8 @@
-"""The SIMD dispatch of the CPU row kernels: every instruction set this CPU
-runs (AVX-512, AVX2, portable) is exercised and checked against float64
-references, bit-exact bfloat16/half rounding, thread-count determinism, and
-the build_info / LAYERNORM_EXT_SIMD controls."""
+"""The SIMD dispatch of the CPU kernels (row norms and BatchNorm): every
+instruction set this CPU runs (AVX-512, AVX2, portable) is exercised and
+checked against float64 references, bit-exact bfloat16/half rounding,
+thread-count determinism, the streamed-output path, and the build_info /
+LAYERNORM_EXT_SIMD controls."""
 
 import functools
 import os
@@ -204,3 +205,150 @@ def test_large_outputs_streamed_are_exact(level, dtype, rows):
     reference = F.layer_norm(x.double(), (cols,), w.double(), b.double())
     assert _rel_err(out, reference) < TOL[dtype]
     assert _rel_err(rms_out, F.rms_norm(x.double(), (cols,), w.double(), 1e-6)) < TOL[dtype]
+
+
+# --------------------------------------------------------------------------- BatchNorm
+
+# (shape, memory format): plane lengths and channel counts that cover every
+# tail of 16-, 8- and 4-lane vectors, the 4-vector strips of the row sums,
+# folded channels-last rows (C < 64) with leftover rows, and several
+# statistics blocks.
+BN_CASES = [
+    ((3, 5, 7), torch.contiguous_format),
+    ((4, 3, 17, 3), torch.contiguous_format),
+    ((2, 6, 33), torch.contiguous_format),
+    ((3, 2, 14, 14), torch.contiguous_format),
+    ((5, 1, 4099), torch.contiguous_format),
+    ((40, 3, 70, 71), torch.contiguous_format),  # several statistics blocks per channel
+    ((50, 7, 13, 17), torch.contiguous_format),  # short planes: channels swept in groups
+    ((7, 3, 5, 3), torch.channels_last),
+    ((5, 17, 3, 3), torch.channels_last),
+    ((3, 100, 3, 5), torch.channels_last),
+    ((2, 64, 9, 9), torch.channels_last),
+    ((37, 1031), torch.contiguous_format),
+    ((300, 130), torch.contiguous_format),
+    ((2000, 5), torch.contiguous_format),
+]
+BN_TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("dtype", list(BN_TOL))
+@pytest.mark.parametrize("training", [True, False])
+def test_every_level_batch_norm_matches_float64(level, dtype, training):
+    g = torch.Generator().manual_seed(15)
+    for shape, memory_format in BN_CASES:
+        channels = shape[1]
+        x64 = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 3).contiguous(
+            memory_format=memory_format)
+        w64, b64 = torch.rand(channels, generator=g, dtype=torch.float64) + 0.5, torch.randn(
+            channels, generator=g, dtype=torch.float64)
+        rm64, rv64 = torch.randn(channels, generator=g, dtype=torch.float64), torch.rand(
+            channels, generator=g, dtype=torch.float64) + 0.5
+        dy64 = torch.randn(shape, generator=g, dtype=torch.float64).contiguous(memory_format=memory_format)
+        x, dy = x64.to(dtype), dy64.to(dtype)
+        params = [t.to(dtype) for t in (w64, b64, rm64, rv64)]
+        xo, wo, bo = x.clone().requires_grad_(), params[0].clone().requires_grad_(), params[1].clone().requires_grad_()
+        rm, rv = params[2].clone(), params[3].clone()
+        ours = layernorm_ext.batch_norm(xo, rm, rv, wo, bo, training, 0.1, 1e-5)
+        xr, wr, br = (t.double().requires_grad_() for t in (x, params[0], params[1]))
+        rm_ref, rv_ref = params[2].double(), params[3].double()
+        ref = F.batch_norm(xr, rm_ref, rv_ref, wr, br, training, 0.1, 1e-5)
+        assert ours.stride() == ref.stride(), shape
+        tol = BN_TOL[dtype]
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol, msg=lambda m: f"{shape}: {m}")
+        got = torch.autograd.grad(ours, (xo, wo, bo), dy)
+        want = torch.autograd.grad(ref, (xr, wr, br), dy.double())
+        sums_scale = max(1.0, (x.numel() / channels) ** 0.5)
+        for name, a, e, scale in zip(("input", "weight", "bias"), got, want, (1.0, sums_scale, sums_scale)):
+            torch.testing.assert_close(
+                a.double(), e, rtol=tol, atol=tol * scale, msg=lambda m: f"{shape} {name}: {m}")
+        if training:
+            torch.testing.assert_close(rm.double(), rm_ref.to(dtype).double(), rtol=tol, atol=tol)
+            torch.testing.assert_close(rv.double(), rv_ref.to(dtype).double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_batch_norm_reduced_precision_stores_round_like_torch(level, dtype, memory_format):
+    # A float32 input holding the same values gives the same float32 results
+    # (the loads widen exactly), so the reduced-precision output must be those
+    # rounded by torch's conversion, bit for bit, whichever of the vector and
+    # scalar paths stored an element.
+    g = torch.Generator().manual_seed(16)
+    x = (torch.randn(6, 19, 7, 5, generator=g) * 4).to(dtype).contiguous(memory_format=memory_format)
+    w, b = torch.randn(19, generator=g), torch.randn(19, generator=g)
+    dy = torch.randn(x.shape, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    ops = torch.ops.layernorm_ext
+    for training in (True, False):
+        rm, rv = torch.randn(19, generator=g), torch.rand(19, generator=g) + 0.5
+        out, mean, rstd, _, _ = ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
+        out32, mean32, rstd32, _, _ = ops.batch_norm_forward(x.float(), w, b, rm, rv, training, 0.1, 1e-5)
+        assert torch.equal(mean, mean32) and torch.equal(rstd, rstd32)
+        assert torch.equal(out.view(torch.int16), out32.to(dtype).view(torch.int16))
+        dx = ops.batch_norm_backward(dy, x, w, b, mean, rstd, training, [True, True, True])
+        dx32 = ops.batch_norm_backward(dy.float(), x.float(), w, b, mean, rstd, training, [True, True, True])
+        assert torch.equal(dx[0].view(torch.int16), dx32[0].to(dtype).view(torch.int16))
+        assert torch.equal(dx[1], dx32[1]) and torch.equal(dx[2], dx32[2])
+
+
+@pytest.mark.parametrize(
+    "shape,memory_format",
+    [((8, 16, 48, 48), torch.contiguous_format), ((8, 16, 48, 48), torch.channels_last),
+     ((8, 1, 96, 96), torch.contiguous_format), ((50, 7, 13, 17), torch.contiguous_format),
+     ((20000, 3), torch.contiguous_format),
+     ((3000, 70), torch.contiguous_format)],
+)
+def test_batch_norm_thread_count_does_not_change_bits(level, shape, memory_format):
+    g = torch.Generator().manual_seed(17)
+    x = torch.randn(shape, generator=g).contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=g).contiguous(memory_format=memory_format)
+    channels = shape[1]
+    w, b = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    ops = torch.ops.layernorm_ext
+    results = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            out = ops.batch_norm_forward(x, w, b, torch.zeros(channels), torch.ones(channels), True, 0.1, 1e-5)
+            grads = ops.batch_norm_backward(dy, x, w, b, out[1], out[2], True, [True, True, True])
+            results.append((*out, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        for a, b_ in zip(results[0], other):
+            assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize(
+    "shape,memory_format,dtype",
+    [((16, 64, 64, 64), torch.contiguous_format, torch.float32),
+     ((16, 67, 63, 64), torch.channels_last, torch.float32),
+     ((32, 65, 63, 65), torch.contiguous_format, torch.bfloat16),
+     ((700, 250, 5, 5), torch.contiguous_format, torch.float32)],  # planes of 1 to 2 Vecs
+)
+def test_batch_norm_large_outputs_streamed_are_exact(level, shape, memory_format, dtype):
+    # Outputs of 16 MiB or more take the non-temporal store path, planes and
+    # rows at any alignment (the first elements up to a 64-byte boundary are
+    # stored plainly, and runs too short to reach a boundary and fill a Vec
+    # after it are not streamed). The eval forward and backward are elementwise, so a
+    # slice of the batch, small enough to be stored plainly, must get the
+    # same bits; the training forward is checked against float64.
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    dy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=memory_format)
+    assert x.numel() * x.element_size() >= 16 << 20
+    channels = shape[1]
+    w, b = torch.rand(channels, generator=g) + 0.5, torch.randn(channels, generator=g)
+    rm, rv = torch.randn(channels, generator=g), torch.rand(channels, generator=g) + 0.5
+    ops = torch.ops.layernorm_ext
+    out, mean, rstd, _, _ = ops.batch_norm_forward(x, w, b, rm, rv, False, 0.1, 1e-5)
+    dx = ops.batch_norm_backward(dy, x, w, b, mean, rstd, False, [True, False, False])[0]
+    for picked in (slice(0, 1), slice(shape[0] - 1, shape[0])):
+        small = ops.batch_norm_forward(x[picked], w, b, rm, rv, False, 0.1, 1e-5)[0]
+        assert torch.equal(out[picked], small)
+        small_dx = ops.batch_norm_backward(dy[picked], x[picked], w, b, mean, rstd, False, [True, False, False])[0]
+        assert torch.equal(dx[picked], small_dx)
+    train = ops.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)[0]
+    reference = F.batch_norm(x.double(), None, None, w.double(), b.double(), True)
+    assert _rel_err(train, reference) < BN_TOL[dtype]

@@ -1,11 +1,15 @@
 // BatchNorm on the CPU: argument checks, memory-layout choice, output
 // allocation and dtype dispatch around the kernels of batch_norm_kernels.h.
+// The [C] parameters and running statistics are handed to the kernels in the
+// accumulation dtype (converted here, a few bytes a channel), and results go
+// back in the parameters' own dtypes.
 #include "../batch_norm_checks.h"
 #include "../row_norm_checks.h"
 #include "batch_norm_kernels.h"
 #include "output_cache.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <torch/library.h>
 
 namespace layernorm_ext::cpu {
@@ -23,14 +27,10 @@ ChannelLayout channel_layout(const ChannelShape& shape, at::MemoryFormat format)
   return {shape.batch, shape.channels, shape.inner};
 }
 
-// The dtype the parameters share (the checks guarantee they share one), or
-// the input's when none is given.
-at::ScalarType param_type(
-    const at::Tensor& input, std::initializer_list<const std::optional<at::Tensor>*> params) {
-  for (const auto* p : params) {
-    if (p->has_value()) return (*p)->scalar_type();
-  }
-  return input.scalar_type();
+// A per-channel tensor as contiguous acc_type values (the tensor itself when
+// it already is), or nullopt when it is absent.
+std::optional<at::Tensor> as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc_type) {
+  return t.has_value() ? std::optional<at::Tensor>(t->to(acc_type).contiguous()) : std::nullopt;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
@@ -46,32 +46,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
       check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
   const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
-  const auto w = optional_contiguous(weight);
-  const auto b = optional_contiguous(bias);
-  const auto old_mean = optional_contiguous(running_mean);
-  const auto old_var = optional_contiguous(running_var);
+  const auto acc_type = accumulate_type(x.scalar_type());
+  const auto acc_options = x.options().dtype(acc_type);
+  const auto w = as_acc(weight, acc_type);
+  const auto b = as_acc(bias, acc_type);
+  const auto old_mean = as_acc(running_mean, acc_type);
+  const auto old_var = as_acc(running_var, acc_type);
   auto output = empty_output(input.sizes(), x.options(), format);
-  const auto stats_options = x.options().dtype(accumulate_type(x.scalar_type()));
-  auto save_mean = at::empty({shape.channels}, stats_options);
-  auto save_rstd = at::empty({shape.channels}, stats_options);
+  auto save_mean = at::empty({shape.channels}, acc_options);
+  auto save_rstd = at::empty({shape.channels}, acc_options);
   const bool update = training && running_mean.has_value();
-  const auto running_options = running_mean.has_value() ? running_mean->options() : x.options();
-  auto new_mean = at::empty({update ? shape.channels : 0}, running_options);
-  auto new_var = at::empty({update ? shape.channels : 0}, running_options);
-  dispatch_input_and_param_types(
-      x.scalar_type(), param_type(x, {&weight, &bias, &running_mean, &running_var}),
-      [&](auto* t_tag, auto* w_tag) {
-        using T = std::remove_pointer_t<decltype(t_tag)>;
-        using P = std::remove_pointer_t<decltype(w_tag)>;
-        batch_norm_forward(
-            x.const_data_ptr<T>(), optional_data<P>(w), optional_data<P>(b),
-            optional_data<P>(old_mean), optional_data<P>(old_var), output.mutable_data_ptr<T>(),
-            save_mean.mutable_data_ptr<acc_t<T>>(), save_rstd.mutable_data_ptr<acc_t<T>>(),
-            update ? new_mean.mutable_data_ptr<P>() : nullptr,
-            update ? new_var.mutable_data_ptr<P>() : nullptr, channel_layout(shape, format),
-            training, momentum, eps);
-      });
-  return {output, save_mean, save_rstd, new_mean, new_var};
+  auto new_mean = at::empty({update ? shape.channels : 0}, acc_options);
+  auto new_var = at::empty({update ? shape.channels : 0}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_forward", [&] {
+    using acc = acc_t<scalar_t>;
+    batch_norm_forward(BatchNormForwardArgs<scalar_t>{
+        x.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), optional_data<acc>(w),
+        optional_data<acc>(b), optional_data<acc>(old_mean), optional_data<acc>(old_var),
+        save_mean.mutable_data_ptr<acc>(), save_rstd.mutable_data_ptr<acc>(),
+        update ? new_mean.mutable_data_ptr<acc>() : nullptr,
+        update ? new_var.mutable_data_ptr<acc>() : nullptr, channel_layout(shape, format),
+        training, momentum, eps});
+  });
+  // The new running statistics in their own dtype (the input's when there
+  // are none, as the fake kernel says).
+  const auto running_dtype =
+      running_mean.has_value() ? running_mean->scalar_type() : x.scalar_type();
+  return {output, save_mean, save_rstd, new_mean.to(running_dtype), new_var.to(running_dtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
@@ -88,31 +89,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
   const auto dy = grad_output.contiguous(format);
-  const auto w = optional_contiguous(weight);
+  const auto acc_type = accumulate_type(x.scalar_type());
+  const auto acc_options = x.options().dtype(acc_type);
+  const auto w = as_acc(weight, acc_type);
   const auto mean = save_mean.contiguous();
   const auto rstd = save_rstd.contiguous();
   const bool want_input = output_mask[0];
   const bool want_weight = output_mask[1] && weight.has_value();
   const bool want_bias = output_mask[2] && bias.has_value();
-  const auto weight_options = weight.has_value() ? weight->options() : x.options();
-  const auto bias_options = bias.has_value() ? bias->options() : weight_options;
   auto grad_input = want_input ? empty_output(input.sizes(), x.options(), format)
                                : at::empty({0}, x.options());
-  auto grad_weight = at::empty({want_weight ? shape.channels : 0}, weight_options);
-  auto grad_bias = at::empty({want_bias ? shape.channels : 0}, bias_options);
-  dispatch_input_and_param_types(
-      x.scalar_type(), param_type(x, {&weight, &bias}), [&](auto* t_tag, auto* w_tag) {
-        using T = std::remove_pointer_t<decltype(t_tag)>;
-        using P = std::remove_pointer_t<decltype(w_tag)>;
-        batch_norm_backward(
-            dy.const_data_ptr<T>(), x.const_data_ptr<T>(), optional_data<P>(w),
-            mean.const_data_ptr<acc_t<T>>(), rstd.const_data_ptr<acc_t<T>>(),
-            want_input ? grad_input.mutable_data_ptr<T>() : nullptr,
-            want_weight ? grad_weight.mutable_data_ptr<P>() : nullptr,
-            want_bias ? grad_bias.mutable_data_ptr<P>() : nullptr, channel_layout(shape, format),
-            training);
-      });
-  return {grad_input, grad_weight, grad_bias};
+  auto grad_weight_acc = at::empty({want_weight ? shape.channels : 0}, acc_options);
+  auto grad_bias_acc = at::empty({want_bias ? shape.channels : 0}, acc_options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "batch_norm_backward", [&] {
+    using acc = acc_t<scalar_t>;
+    batch_norm_backward(BatchNormBackwardArgs<scalar_t>{
+        dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), optional_data<acc>(w),
+        mean.const_data_ptr<acc>(), rstd.const_data_ptr<acc>(),
+        want_input ? grad_input.mutable_data_ptr<scalar_t>() : nullptr,
+        want_weight ? grad_weight_acc.mutable_data_ptr<acc>() : nullptr,
+        want_bias ? grad_bias_acc.mutable_data_ptr<acc>() : nullptr,
+        channel_layout(shape, format), training});
+  });
+  // Parameter gradients in the parameters' dtypes; an absent one has shape
+  // [0] and the dtype of weight, else bias, else the input.
+  const auto weight_options = weight.has_value() ? weight->options() : x.options();
+  const auto bias_options = bias.has_value() ? bias->options() : weight_options;
+  return {grad_input,
+          want_weight ? grad_weight_acc.to(weight->scalar_type()) : at::empty({0}, weight_options),
+          want_bias ? grad_bias_acc.to(bias->scalar_type()) : at::empty({0}, bias_options)};
 }
 
 } // namespace

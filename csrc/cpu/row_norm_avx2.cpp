@@ -25,6 +25,7 @@
 
 namespace layernorm_ext::cpu::avx2 {
 #include "simd_vec_avx2.h"
+#include "simd_kernel_helpers.h"
 #include "row_norm_kernels_impl.h"
 } // namespace layernorm_ext::cpu::avx2
 

@@ -25,6 +25,7 @@
 
 namespace layernorm_ext::cpu::avx512 {
 #include "simd_vec_avx512.h"
+#include "simd_kernel_helpers.h"
 #include "row_norm_kernels_impl.h"
 } // namespace layernorm_ext::cpu::avx512
 

@@ -23,11 +23,6 @@ namespace layernorm_ext::cpu {
 
 // Smallest piece of work (in elements) worth handing to a thread.
 constexpr int64_t kGrainElements = 1 << 15;
-// Sums run over chunks of this many elements, each summed in SIMD lanes, and
-// the chunk sums are added in order: the rounding error of a long row grows
-// with the number of chunks, not with the row length. A multiple of every
-// Vec's 4 * kLanes.
-constexpr int64_t kSumChunk = 512;
 // Bounds on the partial rows of the weight/bias gradients.
 constexpr int64_t kMaxGradBlocks = 64;
 constexpr int64_t kMaxGradPartialBytes = int64_t{32} << 20;

@@ -34,99 +34,10 @@
 // the partials are then added in block order. No atomics, and the bits do not
 // depend on the thread count.
 //
-// Each loop body is written once, as a generic lambda over the vector type:
-// it runs with Vec<acc> over full vectors and with Scalar<acc> (one lane,
-// the same operations and roundings) over the ragged ends.
+// The loop helpers (Scalar, for_each_vector, chunked_sums) and the
+// non-temporal store policy are in simd_kernel_helpers.h.
 
-constexpr int64_t kStreamBytes = int64_t{16} << 20;
-constexpr int64_t kStreamAlignment = 64;
 constexpr int64_t kRowGroup = 4;
-
-// One lane with Vec's interface, for the elements that do not fill a Vec.
-template <typename A>
-struct Scalar {
-  static constexpr int64_t kLanes = 1;
-  A v;
-
-  static Scalar broadcast(A a) { return {a}; }
-  template <typename T>
-  static Scalar load(const T* p) {
-    return {static_cast<A>(*p)};
-  }
-  template <typename T>
-  void store(T* p) const {
-    *p = static_cast<T>(v);
-  }
-  template <typename T>
-  void stream(T* p) const {
-    store(p);
-  }
-  A sum() const { return v; }
-};
-template <typename A>
-inline Scalar<A> operator+(Scalar<A> a, Scalar<A> b) { return {a.v + b.v}; }
-template <typename A>
-inline Scalar<A> operator-(Scalar<A> a, Scalar<A> b) { return {a.v - b.v}; }
-template <typename A>
-inline Scalar<A> operator*(Scalar<A> a, Scalar<A> b) { return {a.v * b.v}; }
-template <typename A>
-inline Scalar<A> fma(Scalar<A> a, Scalar<A> b, Scalar<A> c) { return {fma(a.v, b.v, c.v)}; }
-
-template <typename A>
-struct Sums2 {
-  A first;
-  A second;
-};
-
-// Calls body(Vec<acc>{}, j) for each full Vec of [0, n), then
-// body(Scalar<acc>{}, j) for each element of the tail.
-template <typename acc, typename Body>
-inline void for_each_vector(int64_t n, const Body& body) {
-  constexpr int64_t L = Vec<acc>::kLanes;
-  const int64_t vec_end = n / L * L;
-  for (int64_t j = 0; j < vec_end; j += L) body(Vec<acc>{}, j);
-  for (int64_t j = vec_end; j < n; ++j) body(Scalar<acc>{}, j);
-}
-
-// Sums two series over j in [0, n): terms(tag, j) gives both series' terms
-// for the elements at j, as a Sums2 of decltype(tag) (Vec<acc> or
-// Scalar<acc>). Called once per element, in order, so terms may also store
-// (conversion buffers). Four accumulators per series hide the add latency.
-template <typename acc, typename Terms>
-inline Sums2<acc> chunked_sums(int64_t n, const Terms& terms) {
-  using V = Vec<acc>;
-  constexpr int64_t L = V::kLanes;
-  const int64_t n_vec = n - n % L;
-  const V zero = V::broadcast(0);
-  V total_first = zero, total_second = zero;
-  for (int64_t start = 0; start < n_vec; start += kSumChunk) {
-    const int64_t end = std::min(n_vec, start + kSumChunk);
-    V first[4] = {zero, zero, zero, zero};
-    V second[4] = {zero, zero, zero, zero};
-    int64_t j = start;
-    for (; j + 4 * L <= end; j += 4 * L) {
-      for (int k = 0; k < 4; ++k) {
-        const Sums2<V> t = terms(V{}, j + k * L);
-        first[k] = first[k] + t.first;
-        second[k] = second[k] + t.second;
-      }
-    }
-    for (; j < end; j += L) {
-      const Sums2<V> t = terms(V{}, j);
-      first[0] = first[0] + t.first;
-      second[0] = second[0] + t.second;
-    }
-    total_first = total_first + ((first[0] + first[1]) + (first[2] + first[3]));
-    total_second = total_second + ((second[0] + second[1]) + (second[2] + second[3]));
-  }
-  Sums2<acc> sums{total_first.sum(), total_second.sum()};
-  for (int64_t j = n_vec; j < n; ++j) {
-    const Sums2<Scalar<acc>> t = terms(Scalar<acc>{}, j);
-    sums.first += t.first.v;
-    sums.second += t.second.v;
-  }
-  return sums;
-}
 
 // Whether to write a rows x cols output with non-temporal stores: when it
 // is too large to stay in cache and every row starts on a Vec store boundary

@@ -20,5 +20,6 @@
 
 namespace layernorm_ext::cpu::portable {
 #include "simd_vec_portable.h"
+#include "simd_kernel_helpers.h"
 #include "row_norm_kernels_impl.h"
 } // namespace layernorm_ext::cpu::portable

@@ -1,9 +1,10 @@
-// Which SIMD instruction set the CPU row kernels run with.
+// Which SIMD instruction set the CPU kernels (row norms and BatchNorm) run
+// with.
 //
-// The default build is portable (no -march flags): the row kernels are
-// compiled once per instruction set in their own translation units
-// (row_norm_avx512.cpp, row_norm_avx2.cpp, row_norm_portable.cpp), each under
-// a `#pragma GCC target`, and the level is picked at run time from what the
+// The default build is portable (no -march flags): the kernels are compiled
+// once per instruction set in their own translation units (row_norm_<isa>.cpp
+// and batch_norm_<isa>.cpp for avx512, avx2 and portable), each under a
+// `#pragma GCC target`, and the level is picked at run time from what the
 // CPU supports. LAYERNORM_EXT_SIMD=avx512|avx2|scalar (read once, at the first
 // kernel call) or set_simd_level lowers it, which is how the tests reach every
 // compiled path on one machine.

@@ -1,4 +1,4 @@
-// Whether the AVX2 and AVX-512 row kernels are built: with GCC on x86-64
+// Whether the AVX2 and AVX-512 CPU kernels are built: with GCC on x86-64
 // only (they rely on `#pragma GCC target`, which Clang ignores); elsewhere
 // only the portable kernels are.
 #pragma once

@@ -1,8 +1,8 @@
-// Vec<A>: 8 lanes of plain C++ for the portable row kernels (any CPU, any
+// Vec<A>: 8 lanes of plain C++ for the portable CPU kernels (any CPU, any
 // compiler), written so that the compiler's auto-vectorizer can map the lane
 // loops onto whatever SIMD the baseline target has (SSE2 on x86-64).
-// Conversions are c10's scalar ones. Included by row_norm_portable.cpp inside
-// its namespace.
+// Conversions are c10's scalar ones. Included by row_norm_portable.cpp and
+// batch_norm_portable.cpp inside their namespace.
 
 template <typename A>
 struct Vec {

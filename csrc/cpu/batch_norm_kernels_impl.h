@@ -160,7 +160,7 @@ inline void for_each_group_run(
   }
 }
 
-// Most channels a plane-layout task sweeps together (see channel_group).
+// Most channels a plane-layout task sweeps together (see channel_groups).
 constexpr int64_t kMaxGroupChannels = 64;
 // A channel group's planes of one sample make a stretch of about this many
 // bytes at least: every stretch starts with the hardware prefetchers
@@ -193,24 +193,29 @@ void merge_channel_blocks(
   }
 }
 
-// How many adjacent channels a plane-layout task sweeps at once: enough that
-// one sample's planes of the group are a long stretch of memory (a short
-// plane alone would start every stretch with a wait on memory, the next one
-// being C planes away), few enough that the group's `streams` tensors stay
-// in cache for the second sweep, and that every thread gets a group.
+// How many groups of adjacent channels plane-layout tasks sweep, each at
+// once: groups of enough channels that one sample's planes of a group are a
+// long stretch of memory (a short plane alone would start every stretch with
+// a wait on memory, the next one being C planes away), and of few enough
+// that a group's `streams` tensors stay in cache for the second sweep; as
+// many groups as a multiple of the thread count, so that every thread gets
+// the same number of channels (give or take one a group).
 template <typename T>
-int64_t channel_group(const ChannelLayout& layout, int64_t streams) {
-  const int64_t plane_bytes = layout.inner * static_cast<int64_t>(sizeof(T));
-  const int64_t channel_bytes = std::max<int64_t>(1, layout.outer * plane_bytes * streams);
-  const int64_t threads = at::get_num_threads();
-  return std::max<int64_t>(
+int64_t channel_groups(const ChannelLayout& layout, int64_t streams) {
+  const int64_t plane_bytes = std::max<int64_t>(1, layout.inner * static_cast<int64_t>(sizeof(T)));
+  const int64_t channel_bytes = layout.outer * plane_bytes * streams;
+  const int64_t most_channels = std::max<int64_t>(
       1, std::min<int64_t>(
-             {(kGroupStretchBytes + plane_bytes - 1) / plane_bytes, kGroupCacheBytes / channel_bytes,
-              (layout.channels + threads - 1) / threads, kMaxGroupChannels}));
+             {(kGroupStretchBytes + plane_bytes - 1) / plane_bytes,
+              kGroupCacheBytes / std::max<int64_t>(channel_bytes, 1), kMaxGroupChannels}));
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = (layout.channels + most_channels - 1) / most_channels;
+  return std::min(layout.channels, (groups + threads - 1) / threads * threads);
 }
 
-// Plane layout, many channels: a task owns whole groups of `group` channels
-// (channel_group), and reduces a group's blocks, sweeping them in address
+// Plane layout, many channels: a task owns whole groups of channels (group
+// g of `groups` is channels [C * g / groups, C * (g + 1) / groups), see
+// channel_groups), and reduces a group's blocks, sweeping them in address
 // order, and then runs its elementwise pass while the group is still in
 // cache (L2, or L3 for big channels), where a separate pass would read it
 // back from memory. finish_channel(c, first, second) receives each channel's
@@ -218,19 +223,19 @@ int64_t channel_group(const ChannelLayout& layout, int64_t streams) {
 template <typename Merge, typename acc, typename BlockStats, typename Finish, typename Apply>
 void reduce_and_apply_per_channel(
     const ChannelLayout& layout,
-    int64_t group,
+    int64_t groups,
     const BlockStats& block_stats,
     const Finish& finish_channel,
     const Apply& apply_group) {
   const int64_t positions = layout.outer * layout.inner;
-  const int64_t groups = (layout.channels + group - 1) / group;
+  const int64_t group_elements = std::max<int64_t>(1, layout.channels / groups * positions);
   at::parallel_for(
-      0, groups,
-      std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(group * positions, 1)),
+      0, groups, std::max<int64_t>(1, kParallelGrain / group_elements),
       [&](int64_t group_begin, int64_t group_end) {
         std::array<std::array<acc, 2>, kMaxGroupChannels> stats;
         for (int64_t g = group_begin; g < group_end; ++g) {
-          const int64_t c0 = g * group, c1 = std::min(layout.channels, c0 + group);
+          const int64_t c0 = layout.channels * g / groups;
+          const int64_t c1 = layout.channels * (g + 1) / groups;
           merge_channel_blocks<Merge, acc>(positions, c0, c1, block_stats, stats.data());
           for (int64_t c = c0; c < c1; ++c) finish_channel(c, stats[c - c0][0], stats[c - c0][1]);
           apply_group(c0, c1);
@@ -619,7 +624,7 @@ void reduce_then_apply(
                           std::array<acc, 2>* stats) { sweep.plane_blocks(c0, c1, begin, end, stats); };
   if (layout.inner > 1 && layout.channels >= at::get_num_threads()) {
     reduce_and_apply_per_channel<Merge, acc>(
-        layout, channel_group<typename Sweep::scalar>(layout, Sweep::kStreams), plane_blocks,
+        layout, channel_groups<typename Sweep::scalar>(layout, Sweep::kStreams), plane_blocks,
         finish_channel, [&](int64_t c0, int64_t c1) {
           if (elementwise) for_each_plane_of_group(layout, c0, c1, plane_run);
         });

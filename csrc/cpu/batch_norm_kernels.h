@@ -78,7 +78,7 @@ struct BatchNormBackwardArgs {
 
 // One declaration per compiled instruction set; the definitions (explicit
 // instantiations for float, double, Half and BFloat16) are in
-// batch_norm_<isa>.cpp.
+// kernels_<isa>.cpp.
 #define LAYERNORM_EXT_DECLARE_BATCH_NORM_KERNELS(isa)                \
   namespace isa {                                                     \
   template <typename T>                                               \

@@ -1,6 +1,6 @@
 // The BatchNorm kernels declared in batch_norm_kernels.h, written once over a
 // Vec<acc> SIMD type with the loop helpers of simd_kernel_helpers.h. Each
-// batch_norm_<isa>.cpp includes this file inside its own namespace, after its
+// kernels_<isa>.cpp includes this file inside its own namespace, after its
 // Vec and the helpers, under its target pragma, so that every instruction set
 // gets its own copy of the code with its own symbol names. No include guard
 // and no #include here: everything is included by the .cpp before its pragma.

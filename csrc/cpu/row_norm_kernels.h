@@ -76,7 +76,7 @@ struct RowNormBackwardArgs {
 
 // One declaration per compiled instruction set; the definitions (explicit
 // instantiations for float, double, Half and BFloat16) are in
-// row_norm_<isa>.cpp.
+// kernels_<isa>.cpp.
 #define LAYERNORM_EXT_DECLARE_ROW_NORM_KERNELS(isa)               \
   namespace isa {                                                  \
   template <bool kCenter, typename T>                              \

@@ -1,5 +1,5 @@
 // The row kernels declared in row_norm_kernels.h, written once over a Vec<acc>
-// SIMD type. Each row_norm_<isa>.cpp includes this file inside its own
+// SIMD type. Each kernels_<isa>.cpp includes this file inside its own
 // namespace, after its Vec (simd_vec_<isa>.h), under its target pragma, so
 // that every instruction set gets its own copy of the code with its own
 // symbol names. No include guard and no #include here: everything is included

@@ -1,5 +1,5 @@
 // Loop helpers shared by every SIMD build of the CPU kernels (row norms and
-// BatchNorm), written over the build's Vec<acc>. Each <kernels>_<isa>.cpp
+// BatchNorm), written over the build's Vec<acc>. Each kernels_<isa>.cpp
 // includes this file inside its ISA namespace, after its Vec
 // (simd_vec_<isa>.h) and before the kernels, under its target pragma. No
 // include guard and no #include here: everything is included by the .cpp

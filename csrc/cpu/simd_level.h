@@ -2,8 +2,8 @@
 // with.
 //
 // The default build is portable (no -march flags): the kernels are compiled
-// once per instruction set in their own translation units (row_norm_<isa>.cpp
-// and batch_norm_<isa>.cpp for avx512, avx2 and portable), each under a
+// once per instruction set in their own translation units (kernels_<isa>.cpp
+// for avx512, avx2 and portable), each under a
 // `#pragma GCC target`, and the level is picked at run time from what the
 // CPU supports. LAYERNORM_EXT_SIMD=avx512|avx2|scalar (read once, at the first
 // kernel call) or set_simd_level lowers it, which is how the tests reach every

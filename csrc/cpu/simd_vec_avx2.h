@@ -1,6 +1,6 @@
 // Vec<float> (8 lanes) and Vec<double> (4 lanes) on AVX2 + FMA + F16C, for
-// the CPU kernels. Included by row_norm_avx2.cpp and batch_norm_avx2.cpp
-// inside their ISA namespace, under their `#pragma GCC target`. Conversions follow
+// the CPU kernels. Included by kernels_avx2.cpp
+// inside its ISA namespace, under its `#pragma GCC target`. Conversions follow
 // the same rules as simd_vec_avx512.h (bit-exact with c10's scalar ones).
 
 template <typename A>

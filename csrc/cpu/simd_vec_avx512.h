@@ -1,6 +1,6 @@
 // Vec<float> (16 lanes) and Vec<double> (8 lanes) on AVX-512, for the CPU
-// kernels. Included by row_norm_avx512.cpp and batch_norm_avx512.cpp inside
-// their ISA namespace, under their `#pragma GCC target`.
+// kernels. Included by kernels_avx512.cpp inside
+// its ISA namespace, under its `#pragma GCC target`.
 //
 // bfloat16 loads widen by a 16-bit shift; stores round to nearest even with
 // c10::BFloat16's rule (add 0x7fff plus the kept lowest bit; NaN becomes

@@ -1,8 +1,7 @@
 // Vec<A>: 128 bits of A (4 floats or 2 doubles) in plain C++ for the
 // portable CPU kernels (any CPU, any compiler): one SSE2 register on x86-64,
 // one NEON register on AArch64. Conversions are c10's scalar ones. Included
-// by row_norm_portable.cpp and batch_norm_portable.cpp inside their
-// namespace.
+// by kernels_portable.cpp inside its namespace.
 //
 // With GCC and Clang the lanes are the compiler's generic vector type, whose
 // arithmetic maps onto the target's SIMD instructions and which lives in a

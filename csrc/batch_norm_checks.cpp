@@ -1,6 +1,7 @@
 #include "batch_norm_checks.h"
 #include "row_norm_checks.h"
 
+#include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -155,6 +156,20 @@ at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
     return at::MemoryFormat::ChannelsLast3d;
   }
   return at::MemoryFormat::Contiguous;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_param_grads(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    bool want_weight,
+    const at::Tensor& grad_weight_acc,
+    bool want_bias,
+    const at::Tensor& grad_bias_acc) {
+  const auto weight_options = weight.has_value() ? weight->options() : input.options();
+  const auto bias_options = bias.has_value() ? bias->options() : weight_options;
+  return {want_weight ? grad_weight_acc.to(weight->scalar_type()) : at::empty({0}, weight_options),
+          want_bias ? grad_bias_acc.to(bias->scalar_type()) : at::empty({0}, bias_options)};
 }
 
 } // namespace layernorm_ext

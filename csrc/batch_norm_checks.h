@@ -1,5 +1,5 @@
-// Argument checks and layout decisions shared by the BatchNorm ops of every
-// backend. They raise torch.nn.functional.batch_norm's errors, with its
+// Argument checks, layout decisions and the gradient dtype rule shared by the
+// BatchNorm ops of every backend. They raise torch.nn.functional.batch_norm's errors, with its
 // wording where it has one, before any output is allocated or state touched.
 #pragma once
 
@@ -7,6 +7,7 @@
 #include <c10/core/MemoryFormat.h>
 
 #include <optional>
+#include <tuple>
 
 namespace layernorm_ext {
 
@@ -53,5 +54,18 @@ void check_batch_norm_backward_args(
 // Contiguous. Outputs (and grad_input) take the same memory format, and the
 // fake kernels apply the same rule.
 at::MemoryFormat batch_norm_memory_format(const at::Tensor& input);
+
+// The backward's weight and bias gradients, which the kernels sum in the
+// accumulation type, in the parameters' dtypes; one not wanted (or of an
+// absent parameter) has shape [0] and the dtype of weight, else bias, else
+// the input.
+std::tuple<at::Tensor, at::Tensor> batch_norm_param_grads(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    bool want_weight,
+    const at::Tensor& grad_weight_acc,
+    bool want_bias,
+    const at::Tensor& grad_bias_acc);
 
 } // namespace layernorm_ext

@@ -27,12 +27,6 @@ ChannelLayout channel_layout(const ChannelShape& shape, at::MemoryFormat format)
   return {shape.batch, shape.channels, shape.inner};
 }
 
-// A per-channel tensor as contiguous acc_type values (the tensor itself when
-// it already is), or nullopt when it is absent.
-std::optional<at::Tensor> as_acc(const std::optional<at::Tensor>& t, at::ScalarType acc_type) {
-  return t.has_value() ? std::optional<at::Tensor>(t->to(acc_type).contiguous()) : std::nullopt;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -48,10 +42,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   const auto x = input.contiguous(format);
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_options = x.options().dtype(acc_type);
-  const auto w = as_acc(weight, acc_type);
-  const auto b = as_acc(bias, acc_type);
-  const auto old_mean = as_acc(running_mean, acc_type);
-  const auto old_var = as_acc(running_var, acc_type);
+  const auto w = optional_contiguous_as(weight, acc_type);
+  const auto b = optional_contiguous_as(bias, acc_type);
+  const auto old_mean = optional_contiguous_as(running_mean, acc_type);
+  const auto old_var = optional_contiguous_as(running_var, acc_type);
   auto output = empty_output(input.sizes(), x.options(), format);
   auto save_mean = at::empty({shape.channels}, acc_options);
   auto save_rstd = at::empty({shape.channels}, acc_options);
@@ -91,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const auto dy = grad_output.contiguous(format);
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_options = x.options().dtype(acc_type);
-  const auto w = as_acc(weight, acc_type);
+  const auto w = optional_contiguous_as(weight, acc_type);
   const auto mean = save_mean.contiguous();
   const auto rstd = save_rstd.contiguous();
   const bool want_input = output_mask[0];
@@ -111,13 +105,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
         want_bias ? grad_bias_acc.mutable_data_ptr<acc>() : nullptr,
         channel_layout(shape, format), training});
   });
-  // Parameter gradients in the parameters' dtypes; an absent one has shape
-  // [0] and the dtype of weight, else bias, else the input.
-  const auto weight_options = weight.has_value() ? weight->options() : x.options();
-  const auto bias_options = bias.has_value() ? bias->options() : weight_options;
-  return {grad_input,
-          want_weight ? grad_weight_acc.to(weight->scalar_type()) : at::empty({0}, weight_options),
-          want_bias ? grad_bias_acc.to(bias->scalar_type()) : at::empty({0}, bias_options)};
+  auto [grad_weight, grad_bias] = batch_norm_param_grads(
+      x, weight, bias, want_weight, grad_weight_acc, want_bias, grad_bias_acc);
+  return {grad_input, grad_weight, grad_bias};
 }
 
 } // namespace

@@ -44,4 +44,11 @@ OptionalTensor optional_contiguous(const OptionalTensor& t) {
   return t.has_value() ? OptionalTensor(t->contiguous()) : OptionalTensor();
 }
 
+// The tensor as contiguous values of `dtype` (itself when it already is), or
+// nullopt when it is absent.
+template <typename OptionalTensor>
+OptionalTensor optional_contiguous_as(const OptionalTensor& t, c10::ScalarType dtype) {
+  return t.has_value() ? OptionalTensor(t->to(dtype).contiguous()) : OptionalTensor();
+}
+
 } // namespace layernorm_ext::cpu

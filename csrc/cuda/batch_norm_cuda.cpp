@@ -25,10 +25,6 @@ BatchNormLayout layout_of(const at::Tensor& input, bool channels_last) {
   return {batch, channels, inner, channels_last || inner == 1};
 }
 
-std::optional<at::Tensor> in_dtype(const std::optional<at::Tensor>& t, at::ScalarType dtype) {
-  return t.has_value() ? std::optional<at::Tensor>(t->to(dtype).contiguous()) : std::nullopt;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_impl(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -45,10 +41,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   const auto layout = layout_of(x, format != at::MemoryFormat::Contiguous);
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_options = x.options().dtype(acc_type);
-  const auto w = in_dtype(weight, acc_type);
-  const auto b = in_dtype(bias, acc_type);
-  const auto rm = in_dtype(running_mean, acc_type);
-  const auto rv = in_dtype(running_var, acc_type);
+  const auto w = cpu::optional_contiguous_as(weight, acc_type);
+  const auto b = cpu::optional_contiguous_as(bias, acc_type);
+  const auto rm = cpu::optional_contiguous_as(running_mean, acc_type);
+  const auto rv = cpu::optional_contiguous_as(running_var, acc_type);
   auto output = at::empty(x.sizes(), x.options().memory_format(format));
   auto save_mean = at::empty({layout.channels}, acc_options);
   auto save_rstd = at::empty({layout.channels}, acc_options);
@@ -102,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_impl(
   const auto layout = layout_of(x, format != at::MemoryFormat::Contiguous);
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_options = x.options().dtype(acc_type);
-  const auto w = in_dtype(weight, acc_type);
+  const auto w = cpu::optional_contiguous_as(weight, acc_type);
   const auto mean = save_mean.contiguous();
   const auto rstd = save_rstd.contiguous();
   const bool want_weight = output_mask[1] && weight.has_value();
@@ -123,13 +119,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_impl(
         want_bias ? grad_bias_acc.mutable_data_ptr<acc>() : nullptr, layout,
         workspace.mutable_data_ptr(), current_stream()));
   });
-  // Parameter gradients in the parameters' dtypes; absent ones as in the
-  // row-norm ops: shape [0], dtype of weight, else bias, else the input.
-  const auto weight_options = weight.has_value() ? weight->options() : x.options();
-  const auto bias_options = bias.has_value() ? bias->options() : weight_options;
-  return {grad_input,
-          want_weight ? grad_weight_acc.to(weight->scalar_type()) : at::empty({0}, weight_options),
-          want_bias ? grad_bias_acc.to(bias->scalar_type()) : at::empty({0}, bias_options)};
+  auto [grad_weight, grad_bias] = batch_norm_param_grads(
+      x, weight, bias, want_weight, grad_weight_acc, want_bias, grad_bias_acc);
+  return {grad_input, grad_weight, grad_bias};
 }
 
 } // namespace

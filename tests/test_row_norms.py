@@ -128,6 +128,20 @@ def test_rows_with_large_mean_normalize_exactly(norm, mean):
         assert out.double().var(dim=-1, unbiased=False).sub(1).abs().max() < 2 * ulp
 
 
+def test_layer_norm_rows_led_by_an_outlier_normalize_exactly():
+    """The one-sweep variance sums squares of x - x[0]; when x[0] lies far from
+    the row's mean (here 3e4 against unit values: (mean - x[0])^2 is about 1000
+    variances) that sum cancels, and a one-sweep result is off by about 4e-3.
+    The kernel must notice and take the squared deviations from the mean."""
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(64, 1024, generator=g)
+    x[:, 0] = 3e4 + torch.randn(64, generator=g)
+    x[1::2, 5] = x[1::2, 0]  # some rows with the outlier twice
+    reference = F.layer_norm(x.double(), (1024,))
+    out = layernorm_ext.layer_norm(x, (1024,))
+    torch.testing.assert_close(out.double(), reference, atol=5e-5, rtol=0)
+
+
 @pytest.mark.parametrize("norm", NORMS, ids=repr)
 def test_constant_rows_give_zero_not_nan(norm):
     x = torch.full((3, 17), 2.5)

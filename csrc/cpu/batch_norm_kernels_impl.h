@@ -5,9 +5,10 @@
 // gets its own copy of the code with its own symbol names. No include guard
 // and no #include here: everything is included by the .cpp before its pragma.
 //
-// Vectorization: plane loops run lanes along a plane, the channel's
+// Vectorization: plane reductions run lanes along a plane, the channel's
 // coefficients broadcast, sums in four accumulators per series
-// (chunked_sums). Row loops run one lane per channel: rows of fewer than 64
+// (chunked_sums); plane elementwise passes run aligned Vecs along the
+// tensor, across planes (write_plane_range). Row loops run one lane per channel: rows of fewer than 64
 // channels are taken several at a time (see row_fold) so that the lanes
 // fill, and the per-channel sums of a strip of kStripVectors vectors stay in
 // registers down the rows of a statistics block (column_sums).
@@ -108,12 +109,12 @@ struct SumsMerge {
   }
 };
 
-// Writes out[j] = value(tag, j) for j in [0, length), a Vec at a time. The
-// ragged ends of a run of at least a Vec are written by a Vec that overlaps
-// its neighbour (an element's value does not depend on which Vec computes
-// it, so the overlap stores the same bits twice): one store where Scalar
-// would take up to kLanes - 1, which matters for short planes (14 x 14 = 12
-// Vecs of 16 and 4 left over). Shorter runs go through Scalar. With
+// Writes out[j] = value(tag, j) for j in [0, length) (a folded row of the
+// row layout), a Vec at a time. The ragged end of a run of at least a Vec is
+// written by a Vec that overlaps its neighbour (an element's value does not
+// depend on which Vec computes it, so the overlap stores the same bits
+// twice): one store where Scalar would take up to kLanes - 1. Shorter runs go
+// through Scalar. With
 // `stream`, the Vec stores from the first kStreamAlignment boundary on are
 // non-temporal, so that every streamed Vec is aligned.
 template <typename acc, typename T, typename Value>
@@ -158,6 +159,101 @@ inline void for_each_group_run(
     ++o;
     i = 0;
   }
+}
+
+// Per-channel coefficients of a plane-layout elementwise pass: K arrays of
+// `channels` values each (the mean, scale, ... of each channel).
+template <typename acc, size_t K>
+using ChannelCoefficients = std::array<const acc*, K>;
+
+// Writes out[e] = value(tag, e, coefficients) for the elements e in [begin,
+// end) of the plane layout, which may span many planes: `coefficients` holds
+// decltype(tag)'s K coefficients of the channels of elements e.. (channel
+// (e / inner) % channels). The range is swept as one stretch of Vecs aligned
+// on the output's address, not plane by plane: a short plane (14 x 14 = 196
+// floats, 784 bytes) leaves most planes off a 64-byte boundary, where every
+// per-plane 64-byte load and store would straddle two cache lines, and
+// non-temporal stores would fill lines partly, one plane at a time. A Vec
+// inside one plane broadcasts its channel's coefficients; a Vec that runs
+// into the next plane computes both channels' values and keeps each lane's
+// own (select_first), once a plane; with planes shorter than a Vec, every Vec
+// gathers its lanes' coefficients one by one. The elements before the first
+// aligned Vec and after the last full one go through Scalar. Every path
+// computes an element with the same operations, so its bits do not depend on
+// which one wrote it.
+template <typename acc, typename T, size_t K, typename Value>
+void write_plane_range(
+    T* out, int64_t begin, int64_t end, const ChannelLayout& layout,
+    const ChannelCoefficients<acc, K>& coefficients, bool stream, const Value& value) {
+  using V = Vec<acc>;
+  constexpr int64_t L = V::kLanes;
+  const int64_t inner = layout.inner, channels = layout.channels;
+  auto scalar_at = [&](int64_t e) {
+    const int64_t c = (e / inner) % channels;
+    std::array<Scalar<acc>, K> k;
+    for (size_t i = 0; i < K; ++i) k[i] = Scalar<acc>{coefficients[i][c]};
+    value(Scalar<acc>{}, e, k).store(out + e);
+  };
+  const auto misalignment = reinterpret_cast<std::uintptr_t>(out + begin) % kStreamAlignment;
+  const int64_t head = std::min(
+      end - begin,
+      misalignment == 0 ? int64_t{0}
+                        : static_cast<int64_t>((kStreamAlignment - misalignment) / sizeof(T)));
+  int64_t e = begin;
+  for (; e < begin + head; ++e) scalar_at(e);
+  int64_t plane = e / inner;
+  int64_t plane_end = (plane + 1) * inner;
+  std::array<V, K> k;
+  auto broadcast_channel = [&] {
+    const int64_t c = plane % channels;
+    for (size_t i = 0; i < K; ++i) k[i] = V::broadcast(coefficients[i][c]);
+  };
+  broadcast_channel();
+  auto write = [&](int64_t at, const std::array<V, K>& lane_k) {
+    const V y = value(V{}, at, lane_k);
+    if (stream) {
+      y.stream(out + at);
+    } else {
+      y.store(out + at);
+    }
+  };
+  for (; e + L <= end; e += L) {
+    if (e >= plane_end) {
+      plane = e / inner;
+      plane_end = (plane + 1) * inner;
+      broadcast_channel();
+    }
+    if (e + L <= plane_end) {
+      write(e, k);
+      continue;
+    }
+    // Across planes. Into the next one only: both channels' values, blended.
+    if (e + L <= plane_end + inner) {
+      const std::array<V, K> first = k;
+      ++plane;
+      plane_end += inner;
+      broadcast_channel();
+      const V y = select_first(plane_end - inner - e, value(V{}, e, first), value(V{}, e, k));
+      if (stream) {
+        y.stream(out + e);
+      } else {
+        y.store(out + e);
+      }
+      continue;
+    }
+    // Planes shorter than a Vec: each lane takes its own channel's values.
+    alignas(64) acc lanes[K][L];
+    int64_t c = plane % channels;
+    int64_t lane_plane_end = plane_end;
+    for (int64_t l = 0; l < L; ++l) {
+      for (; e + l >= lane_plane_end; lane_plane_end += inner) c = c + 1 == channels ? 0 : c + 1;
+      for (size_t i = 0; i < K; ++i) lanes[i][l] = coefficients[i][c];
+    }
+    std::array<V, K> lane_k;
+    for (size_t i = 0; i < K; ++i) lane_k[i] = V::load(lanes[i]);
+    write(e, lane_k);
+  }
+  for (; e < end; ++e) scalar_at(e);
 }
 
 // Most channels a plane-layout task sweeps together (see channel_groups).
@@ -429,9 +525,10 @@ ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& s
 // Runs an elementwise pass over the whole tensor in parallel, threads owning
 // contiguous element ranges. Row layout: row(offset, width) per folded row of
 // `width` elements (see row_fold), value j of channel j % channels. Plane
-// layout: plane_run(offset, length, c) per stretch of one plane.
-template <typename Row, typename PlaneRun>
-void parallel_elementwise(const ChannelLayout& layout, const Row& row, const PlaneRun& plane_run) {
+// layout: plane_range(begin, end) per range of elements (see
+// write_plane_range).
+template <typename Row, typename PlaneRange>
+void parallel_elementwise(const ChannelLayout& layout, const Row& row, const PlaneRange& plane_range) {
   const int64_t channels = layout.channels;
   if (layout.inner == 1) {
     const int64_t width = row_fold(channels) * channels;
@@ -448,29 +545,20 @@ void parallel_elementwise(const ChannelLayout& layout, const Row& row, const Pla
     stream_fence();
     return;
   }
-  const int64_t inner = layout.inner;
   at::parallel_for(
-      0, layout.outer * channels * inner, kParallelGrain, [&](int64_t begin, int64_t end) {
-        int64_t plane = begin / inner;
-        int64_t i = begin % inner;
-        while (begin < end) {
-          const int64_t length = std::min(inner - i, end - begin);
-          plane_run(begin, length, plane % channels);
-          begin += length;
-          ++plane;
-          i = 0;
-        }
+      0, layout.outer * channels * layout.inner, kParallelGrain, [&](int64_t begin, int64_t end) {
+        plane_range(begin, end);
         stream_fence();
       });
 }
 
-// Calls plane_run(offset, inner, c) for every plane of channels [c0, c1),
-// in address order.
-template <typename PlaneRun>
+// Calls plane_range(begin, end) for the planes of channels [c0, c1) of each
+// sample (adjacent in memory), in address order.
+template <typename PlaneRange>
 void for_each_plane_of_group(
-    const ChannelLayout& layout, int64_t c0, int64_t c1, const PlaneRun& plane_run) {
+    const ChannelLayout& layout, int64_t c0, int64_t c1, const PlaneRange& plane_range) {
   for (int64_t o = 0; o < layout.outer; ++o) {
-    for (int64_t c = c0; c < c1; ++c) plane_run((o * layout.channels + c) * layout.inner, layout.inner, c);
+    plane_range((o * layout.channels + c0) * layout.inner, (o * layout.channels + c1) * layout.inner);
   }
 }
 
@@ -603,21 +691,21 @@ struct GradSumsSweep {
 // MomentsSweep or GradSumsSweep), hands each channel's to
 // finish_channel(c, first, second) (which fills the per-channel
 // coefficients), then, if `elementwise`, runs the elementwise pass:
-// row(offset, width) / plane_run(offset, length, c) as in
+// row(offset, width) / plane_range(begin, end) as in
 // parallel_elementwise, with widen_coefficients() called first when the row
 // bodies are about to run. With at least one channel per thread, a
 // plane-layout tensor is done a channel at a time
 // (reduce_and_apply_per_channel); the statistics, and so the output bits, are
 // the same either way.
 template <typename Merge, typename Sweep, typename Finish, typename Widen, typename Row,
-          typename PlaneRun>
+          typename PlaneRange>
 void reduce_then_apply(
     const Sweep& sweep,
     const Finish& finish_channel,
     const Widen& widen_coefficients,
     bool elementwise,
     const Row& row,
-    const PlaneRun& plane_run) {
+    const PlaneRange& plane_range) {
   using acc = typename Sweep::acc;
   const ChannelLayout& layout = sweep.layout;
   auto plane_blocks = [&](int64_t c0, int64_t c1, int64_t begin, int64_t end,
@@ -626,7 +714,7 @@ void reduce_then_apply(
     reduce_and_apply_per_channel<Merge, acc>(
         layout, channel_groups<typename Sweep::scalar>(layout, Sweep::kStreams), plane_blocks,
         finish_channel, [&](int64_t c0, int64_t c1) {
-          if (elementwise) for_each_plane_of_group(layout, c0, c1, plane_run);
+          if (elementwise) for_each_plane_of_group(layout, c0, c1, plane_range);
         });
     return;
   }
@@ -638,7 +726,7 @@ void reduce_then_apply(
   for (int64_t c = 0; c < layout.channels; ++c) finish_channel(c, stats.first[c], stats.second[c]);
   if (!elementwise) return;
   if (layout.inner == 1) widen_coefficients();
-  parallel_elementwise(layout, row, plane_run);
+  parallel_elementwise(layout, row, plane_range);
 }
 
 // Whether an elementwise pass writes its output of `elements` T values with
@@ -690,13 +778,15 @@ void batch_norm_forward(const BatchNormForwardArgs<T>& args) {
       return fma(V::load(x + j) - V::load(mu + j), V::load(k + j), V::load(b + j));
     });
   };
-  auto plane_run = [&](int64_t offset, int64_t length, int64_t c) {
-    const T* x = args.input + offset;
-    const acc mu = args.save_mean[c], k = scale[c], b = shift[c];
-    write_elements<acc>(args.output + offset, length, stream, [&](auto tag, int64_t j) {
-      using V = decltype(tag);
-      return fma(V::load(x + j) - V::broadcast(mu), V::broadcast(k), V::broadcast(b));
-    });
+  auto plane_range = [&](int64_t begin, int64_t end) {
+    const T* x = args.input;
+    write_plane_range<acc>(
+        args.output, begin, end, layout,
+        ChannelCoefficients<acc, 3>{args.save_mean, scale.data(), shift.data()}, stream,
+        [&](auto tag, int64_t e, const auto& k) {
+          using V = decltype(tag);
+          return fma(V::load(x + e) - k[0], k[1], k[2]);
+        });
   };
 
   if (!args.training) {
@@ -706,7 +796,7 @@ void batch_norm_forward(const BatchNormForwardArgs<T>& args) {
           acc(1) / std::sqrt(args.running_var[c] + static_cast<acc>(args.eps)));
     }
     if (layout.inner == 1) widen_coefficients();
-    parallel_elementwise(layout, row, plane_run);
+    parallel_elementwise(layout, row, plane_range);
     return;
   }
   const acc m = static_cast<acc>(args.momentum);
@@ -726,7 +816,7 @@ void batch_norm_forward(const BatchNormForwardArgs<T>& args) {
   };
   reduce_then_apply<MomentsMerge>(
       MomentsSweep<T>{args.input, layout}, finish_channel, widen_coefficients, true, row,
-      plane_run);
+      plane_range);
 }
 
 // Backward: see BatchNormBackwardArgs.
@@ -781,35 +871,38 @@ void batch_norm_backward(const BatchNormBackwardArgs<T>& args) {
           fma(V::load(x + j) - V::load(mu + j), V::load(k_xmu + j), V::load(b + j)));
     });
   };
-  auto plane_run = [&](int64_t offset, int64_t length, int64_t c) {
-    const T* dy = args.grad_output + offset;
-    const T* x = args.input + offset;
-    const acc mu = args.mean[c], k_dy = dy_scale[c], k_xmu = xmu_scale[c], b = shift[c];
+  auto plane_range = [&](int64_t begin, int64_t end) {
+    const T* dy = args.grad_output;
+    const T* x = args.input;
     if (!training) {
-      write_elements<acc>(args.grad_input + offset, length, stream, [&](auto tag, int64_t j) {
-        using V = decltype(tag);
-        return V::load(dy + j) * V::broadcast(k_dy);
-      });
+      write_plane_range<acc>(
+          args.grad_input, begin, end, layout, ChannelCoefficients<acc, 1>{dy_scale.data()}, stream,
+          [&](auto tag, int64_t e, const auto& k) {
+            using V = decltype(tag);
+            return V::load(dy + e) * k[0];
+          });
       return;
     }
-    write_elements<acc>(args.grad_input + offset, length, stream, [&](auto tag, int64_t j) {
-      using V = decltype(tag);
-      return fma(V::load(dy + j), V::broadcast(k_dy),
-          fma(V::load(x + j) - V::broadcast(mu), V::broadcast(k_xmu), V::broadcast(b)));
-    });
+    write_plane_range<acc>(
+        args.grad_input, begin, end, layout,
+        ChannelCoefficients<acc, 4>{args.mean, dy_scale.data(), xmu_scale.data(), shift.data()},
+        stream, [&](auto tag, int64_t e, const auto& k) {
+          using V = decltype(tag);
+          return fma(V::load(dy + e), k[1], fma(V::load(x + e) - k[0], k[2], k[3]));
+        });
   };
 
   if (args.grad_weight || args.grad_bias || (args.grad_input && training)) {
     reduce_then_apply<SumsMerge>(
         GradSumsSweep<T>{args.grad_output, args.input, wide_mean.data(), layout}, finish_channel,
-        widen_coefficients, args.grad_input != nullptr, row, plane_run);
+        widen_coefficients, args.grad_input != nullptr, row, plane_range);
     return;
   }
   if (!args.grad_input) return;
   // Eval, dx only: no sums needed (the eval dx does not use them).
   for (int64_t c = 0; c < channels; ++c) finish_channel(c, acc(0), acc(0));
   if (layout.inner == 1) widen_coefficients();
-  parallel_elementwise(layout, row, plane_run);
+  parallel_elementwise(layout, row, plane_range);
 }
 
 #define LAYERNORM_EXT_INSTANTIATE_BATCH_NORM_KERNELS(T)                   \

@@ -15,9 +15,17 @@
 // Memory: each row is read from memory once and written once. The first
 // sweep loads it (and the residual), writes the fused sum, converts
 // half/bfloat16 to acc into a per-task buffer and sums it, all in one pass;
-// the variance and normalize sweeps then read the row from L1/L2. Variance is
-// two-pass (a shifted mean first, then squared deviations), which stays exact
-// for rows whose mean is large against their spread, unlike E[x^2] - E[x]^2.
+// the normalize sweep then reads the row from L1/L2.
+//
+// LayerNorm's variance: the first sweep sums d = x - x[0] and d^2, and
+// var = (sum d^2 - (sum d)^2 / n) / n. Shifting by a value of the row keeps
+// the terms of the row's spread, so a large mean does not cancel as it does
+// in E[x^2] - E[x]^2: the cancellation costs a relative error of about
+// (mean - x[0])^2 / var roundings, a few when x[0] is a typical value of the
+// row. When x[0] is an outlier ((mean - x[0])^2 > kOnePassSpread * var), and
+// for non-finite rows, a second sweep takes the squared deviations from the
+// mean itself (the corrected two-pass formula). The row kernels are bound by
+// L1 loads for rows in cache: the second sweep would cost a third of them.
 //
 // Outputs of kStreamBytes or more (too large to stay in cache for their
 // consumer) with 64-byte aligned rows are written with non-temporal stores,
@@ -38,6 +46,12 @@
 // non-temporal store policy are in simd_kernel_helpers.h.
 
 constexpr int64_t kRowGroup = 4;
+
+// How far, in variances, x[0] may lie from the row's mean (squared) before
+// the variance takes a second sweep (see above): within it, the one-sweep
+// variance is good to about 1 + kOnePassSpread roundings; a normal row's
+// x[0] lies beyond it once in 16000 rows.
+constexpr double kOnePassSpread = 16;
 
 // Whether to write a rows x cols output with non-temporal stores: when it
 // is too large to stay in cache and every row starts on a Vec store boundary
@@ -77,9 +91,9 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
         if (res) shift = static_cast<acc>(static_cast<T>(shift + static_cast<acc>(res[0])));
       }
       // First sweep: x (rounded to T when it is a fused sum, as the separate
-      // add would be), stored where needed, and its shifted sum (LayerNorm)
-      // or sum of squares (RMSNorm).
-      const acc first_sum = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+      // add would be), stored where needed, and the sums of d = x - shift and
+      // d^2 (LayerNorm) or of x^2 (RMSNorm).
+      const Sums2<acc> first = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
         using V = decltype(tag);
         V v = V::load(in + j);
         if (res) {
@@ -87,37 +101,51 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
           v = V::load(sum_out + j);
         }
         if constexpr (kConvert) v.store(buffer.data() + j);
-        const V term = kCenter ? v - V::broadcast(shift) : v * v;
-        return Sums2<V>{term, term};
-      }).first;
+        if constexpr (kCenter) {
+          const V d = v - V::broadcast(shift);
+          return Sums2<V>{d, d * d};
+        } else {
+          const V square = v * v;
+          return Sums2<V>{square, square};
+        }
+      });
       acc mu = 0, var;
       if constexpr (kCenter) {
-        mu = shift + first_sum / cols;
+        const acc offset = first.first / cols;  // mean - shift
+        mu = shift + offset;
         args.mean[r] = mu;
-        const Sums2<acc> deviations = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
-          using V = decltype(tag);
-          const V d = V::load(x + j) - V::broadcast(mu);
-          return Sums2<V>{d * d, d};
-        });
-        // The sum of deviations is zero but for the rounding of mu; taking it
-        // out (the corrected two-pass formula) removes that error too.
-        var = (deviations.first - deviations.second * deviations.second / cols) / cols;
+        var = (first.second - first.first * offset) / cols;
+        if (!(offset * offset <= static_cast<acc>(kOnePassSpread) * var)) {
+          const Sums2<acc> deviations = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+            using V = decltype(tag);
+            const V d = V::load(x + j) - V::broadcast(mu);
+            return Sums2<V>{d * d, d};
+          });
+          // The sum of deviations is zero but for the rounding of mu; taking
+          // it out (the corrected two-pass formula) removes that error too.
+          var = (deviations.first - deviations.second * deviations.second / cols) / cols;
+        }
       } else {
-        var = first_sum / cols;
+        var = first.first / cols;
       }
       const acc rs = acc(1) / std::sqrt(var + static_cast<acc>(args.eps));
       args.rstd[r] = rs;
       T* y = args.output + r * cols;
-      for_each_vector<acc>(cols, [&](auto tag, int64_t j) {
+      // Locals, and one loop per store kind: through args and a captured
+      // flag, every store to y would make the compiler reload the weight and
+      // bias pointers and the flag (a bool may alias anything).
+      const auto* weight = args.weight;
+      const auto* bias = args.bias;
+      auto normalized = [&](auto tag, int64_t j) {
         using V = decltype(tag);
-        const V out = fma((V::load(x + j) - V::broadcast(mu)) * V::broadcast(rs),
-            V::load(args.weight + j), V::load(args.bias + j));
-        if (stream) {
-          out.stream(y + j);
-        } else {
-          out.store(y + j);
-        }
-      });
+        return fma((V::load(x + j) - V::broadcast(mu)) * V::broadcast(rs), V::load(weight + j),
+            V::load(bias + j));
+      };
+      if (stream) {
+        for_each_vector<acc>(cols, [&](auto tag, int64_t j) { normalized(tag, j).stream(y + j); });
+      } else {
+        for_each_vector<acc>(cols, [&](auto tag, int64_t j) { normalized(tag, j).store(y + j); });
+      }
     }
     if (stream) stream_fence();
   });

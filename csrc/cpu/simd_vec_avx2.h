@@ -80,6 +80,17 @@ inline Vec<double> operator*(Vec<double> a, Vec<double> b) { return {_mm256_mul_
 inline Vec<double> fma(Vec<double> a, Vec<double> b, Vec<double> c) {
   return {_mm256_fmadd_pd(a.v, b.v, c.v)};
 }
+// Lanes [0, n) of a and the others of b (0 <= n <= kLanes).
+inline Vec<float> select_first(int64_t n, Vec<float> a, Vec<float> b) {
+  const __m256 first = _mm256_cmp_ps(
+      _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps(static_cast<float>(n)), _CMP_LT_OQ);
+  return {_mm256_blendv_ps(b.v, a.v, first)};
+}
+inline Vec<double> select_first(int64_t n, Vec<double> a, Vec<double> b) {
+  const __m256d first = _mm256_cmp_pd(
+      _mm256_setr_pd(0, 1, 2, 3), _mm256_set1_pd(static_cast<double>(n)), _CMP_LT_OQ);
+  return {_mm256_blendv_pd(b.v, a.v, first)};
+}
 // Scalar a * b + c rounded once, as the vector fma (for the tails).
 inline float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline double fma(double a, double b, double c) { return __builtin_fma(a, b, c); }

@@ -77,6 +77,13 @@ inline Vec<double> operator*(Vec<double> a, Vec<double> b) { return {_mm512_mul_
 inline Vec<double> fma(Vec<double> a, Vec<double> b, Vec<double> c) {
   return {_mm512_fmadd_pd(a.v, b.v, c.v)};
 }
+// Lanes [0, n) of a and the others of b (0 <= n <= kLanes).
+inline Vec<float> select_first(int64_t n, Vec<float> a, Vec<float> b) {
+  return {_mm512_mask_blend_ps(static_cast<__mmask16>((1u << n) - 1), b.v, a.v)};
+}
+inline Vec<double> select_first(int64_t n, Vec<double> a, Vec<double> b) {
+  return {_mm512_mask_blend_pd(static_cast<__mmask8>((1u << n) - 1), b.v, a.v)};
+}
 // Scalar a * b + c rounded once, as the vector fma (for the tails).
 inline float fma(float a, float b, float c) { return __builtin_fmaf(a, b, c); }
 inline double fma(double a, double b, double c) { return __builtin_fma(a, b, c); }

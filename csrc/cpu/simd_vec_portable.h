@@ -105,6 +105,14 @@ LAYERNORM_EXT_VEC_INLINE Vec<A> operator*(Vec<A> a, Vec<A> b) { return {a.v * b.
 template <typename A>
 LAYERNORM_EXT_VEC_INLINE Vec<A> fma(Vec<A> a, Vec<A> b, Vec<A> c) { return a * b + c; }
 
+// Lanes [0, n) of a and the others of b (0 <= n <= kLanes).
+template <typename A>
+LAYERNORM_EXT_VEC_INLINE Vec<A> select_first(int64_t n, Vec<A> a, Vec<A> b) {
+  Vec<A> r;
+  for (int64_t i = 0; i < Vec<A>::kLanes; ++i) r.v[i] = i < n ? a.v[i] : b.v[i];
+  return r;
+}
+
 // Scalar a * b + c, with the vector fma's roundings (for the tails).
 inline float fma(float a, float b, float c) { return a * b + c; }
 inline double fma(double a, double b, double c) { return a * b + c; }

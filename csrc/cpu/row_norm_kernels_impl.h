@@ -202,30 +202,71 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
           mean_g[k] = kCenter ? sums.first * scale : acc(0);
         }
         // The group's rows are still in L1/L2: read them again (converting
-        // half/bfloat16 again is cheaper than buffering them as acc_t).
-        for_each_vector<acc>(cols, [&](auto tag, int64_t j) {
-          using V = decltype(tag);
-          const V w = V::load(args.weight + j);
-          V dweight_sum = dweight ? V::load(dweight + j) : V::broadcast(0);
-          V dbias_sum = dbias ? V::load(dbias + j) : V::broadcast(0);
-          for (int64_t k = 0; k < group; ++k) {
-            const V dyv = V::load(dy[k] + j);
-            const V xhat = (V::load(x[k] + j) - V::broadcast(mu[k])) * V::broadcast(rs[k]);
-            if (dx[k]) {
-              const V dxv = V::broadcast(rs[k]) *
-                  (dyv * w - fma(xhat, V::broadcast(mean_g_xhat[k]), V::broadcast(mean_g[k])));
-              if (stream) {
-                dxv.stream(dx[k] + j);
-              } else {
-                dxv.store(dx[k] + j);
-              }
-            }
-            dweight_sum = fma(dyv, xhat, dweight_sum);
-            dbias_sum = dbias_sum + dyv;
+        // half/bfloat16 again is cheaper than buffering them as acc_t). A
+        // group of G rows, G a compile-time constant so that the rows'
+        // constants stay in registers as Vecs (in memory, every dx store
+        // could alias them and would force them to be loaded again).
+        auto sweep = [&](auto group_size) {
+          constexpr int64_t G = decltype(group_size)::value;
+          using VA = Vec<acc>;
+          std::array<VA, G> mu_v, rs_v, mean_g_xhat_v, mean_g_v;
+          for (int64_t k = 0; k < G; ++k) {
+            mu_v[k] = VA::broadcast(mu[k]);
+            rs_v[k] = VA::broadcast(rs[k]);
+            mean_g_xhat_v[k] = VA::broadcast(mean_g_xhat[k]);
+            mean_g_v[k] = VA::broadcast(mean_g[k]);
           }
-          if (dweight) dweight_sum.store(dweight + j);
-          if (dbias) dbias_sum.store(dbias + j);
-        });
+          // Row k's constant as the tag's type: the Vec, or the scalar.
+          auto constant = [](auto tag, const std::array<VA, G>& as_vec, const acc* as_scalar,
+                             int64_t k) {
+            if constexpr (std::is_same_v<decltype(tag), VA>) {
+              return as_vec[k];
+            } else {
+              return Scalar<acc>{as_scalar[k]};
+            }
+          };
+          const auto* weight = args.weight;
+          for_each_vector<acc>(cols, [&](auto tag, int64_t j) {
+            using V = decltype(tag);
+            const V w = V::load(weight + j);
+            V dweight_sum = dweight ? V::load(dweight + j) : V::broadcast(0);
+            V dbias_sum = dbias ? V::load(dbias + j) : V::broadcast(0);
+            for (int64_t k = 0; k < G; ++k) {
+              const V rs_k = constant(tag, rs_v, rs, k);
+              const V dyv = V::load(dy[k] + j);
+              const V xhat = (V::load(x[k] + j) - constant(tag, mu_v, mu, k)) * rs_k;
+              if (dx[k]) {
+                const V dxv = rs_k *
+                    (dyv * w - fma(xhat, constant(tag, mean_g_xhat_v, mean_g_xhat, k),
+                                   constant(tag, mean_g_v, mean_g, k)));
+                if (stream) {
+                  dxv.stream(dx[k] + j);
+                } else {
+                  dxv.store(dx[k] + j);
+                }
+              }
+              dweight_sum = fma(dyv, xhat, dweight_sum);
+              dbias_sum = dbias_sum + dyv;
+            }
+            if (dweight) dweight_sum.store(dweight + j);
+            if (dbias) dbias_sum.store(dbias + j);
+          });
+        };
+        static_assert(kRowGroup == 4, "the switch below covers every group size");
+        switch (group) {
+          case 4:
+            sweep(std::integral_constant<int64_t, 4>{});
+            break;
+          case 3:
+            sweep(std::integral_constant<int64_t, 3>{});
+            break;
+          case 2:
+            sweep(std::integral_constant<int64_t, 2>{});
+            break;
+          default:
+            sweep(std::integral_constant<int64_t, 1>{});
+            break;
+        }
       }
     }
     if (stream) stream_fence();

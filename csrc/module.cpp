@@ -3,6 +3,7 @@
 // the ops (ops.cpp) and their kernels; the module itself reports how the library
 // was built and manages the CPU output cache.
 #include "cpu/output_cache.h"
+#include "eager_calls.h"
 #include "cpu/simd_level.h"
 
 #include <torch/extension.h>
@@ -51,4 +52,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_cache_info", &cpu_cache_info);
   m.def("empty_cpu_cache", &layernorm_ext::cpu::empty_output_cache);
   m.def("set_cpu_cache_limit", &layernorm_ext::cpu::set_output_cache_limit);
+  // The forward ops without torch.ops' boxing, for the eager wrappers
+  // (layernorm_ext/_eager.py).
+  auto eager = m.def_submodule("eager", "direct calls to the forward ops (see _eager.py)");
+  layernorm_ext::register_eager_calls(eager);
 }

@@ -11,10 +11,9 @@ check has passed, so a call that raises leaves the buffers as they were.
 
 import torch
 
+from ._eager import forward_ops
 from ._row_norm_autograd import backward_of_backward_2d
 from ._shapes import empty_unless, stats_dtype
-
-_ops = torch.ops.layernorm_ext
 
 
 def batch_norm(
@@ -43,7 +42,8 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    output, _, _, new_mean, new_var = _ops.batch_norm_forward(
+    ops = forward_ops(input, weight, bias, running_mean, running_var)
+    output, _, _, new_mean, new_var = ops.batch_norm_forward(
         input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
     )
     if training and running_mean is not None:

@@ -12,10 +12,9 @@ returned ``s``) goes to both ``input`` and ``residual``.
 
 import torch
 
+from ._eager import forward_ops
 from ._shapes import as_normalized_shape, batch_shape, stats_dtype
 from .rms_norm import default_rms_eps
-
-_ops = torch.ops.layernorm_ext
 
 
 def fused_add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -26,7 +25,7 @@ def fused_add_layer_norm(input, residual, normalized_shape, weight=None, bias=No
     rounded to the input dtype before it is normalized, as the separate add
     would be.
     """
-    output, sum_, _, _ = _ops.fused_add_layer_norm_forward(
+    output, sum_, _, _ = forward_ops(input, residual, weight, bias).fused_add_layer_norm_forward(
         input, residual, as_normalized_shape(normalized_shape), weight, bias, float(eps)
     )
     return output, sum_
@@ -40,7 +39,7 @@ def fused_add_rms_norm(input, residual, normalized_shape, weight=None, eps=None)
     """
     if eps is None:
         eps = default_rms_eps(input.dtype)
-    output, sum_, _ = _ops.fused_add_rms_norm_forward(
+    output, sum_, _ = forward_ops(input, residual, weight).fused_add_rms_norm_forward(
         input, residual, as_normalized_shape(normalized_shape), weight, float(eps)
     )
     return output, sum_

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from ._eager import forward_ops
 from ._row_norm_autograd import backward_of_backward
 from ._shapes import (
     as_normalized_shape,
@@ -17,8 +18,6 @@ from ._shapes import (
     empty_unless,
     stats_dtype,
 )
-
-_ops = torch.ops.layernorm_ext
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -30,7 +29,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     optional, of shape ``normalized_shape``). float16/bfloat16 inputs are
     computed in float32; their weight and bias may be float32.
     """
-    output, _, _ = _ops.layer_norm_forward(
+    output, _, _ = forward_ops(input, weight, bias).layer_norm_forward(
         input, as_normalized_shape(normalized_shape), weight, bias, float(eps)
     )
     return output

@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from ._eager import forward_ops
 from ._row_norm_autograd import backward_of_backward
 from ._shapes import (
     as_normalized_shape,
@@ -17,8 +18,6 @@ from ._shapes import (
     empty_unless,
     stats_dtype,
 )
-
-_ops = torch.ops.layernorm_ext
 
 # Looked up once: torch.finfo takes 0.4 us, a tenth of a small call.
 _MACHINE_EPS = {dtype: torch.finfo(dtype).eps for dtype in (torch.float32, torch.float64)}
@@ -43,7 +42,7 @@ def rms_norm(input, normalized_shape, weight=None, eps=None):
     """
     if eps is None:
         eps = default_rms_eps(input.dtype)
-    output, _ = _ops.rms_norm_forward(
+    output, _ = forward_ops(input, weight).rms_norm_forward(
         input, as_normalized_shape(normalized_shape), weight, float(eps)
     )
     return output

@@ -5,9 +5,9 @@
 
 namespace layernorm_ext {
 
-// Adds the forward ops (layer_norm_forward, rms_norm_forward,
-// batch_norm_forward, fused_add_layer_norm_forward, fused_add_rms_norm_forward)
-// to `m`, with the ops' arguments and results.
+// Adds layer_norm, rms_norm, batch_norm, fused_add_layer_norm and
+// fused_add_rms_norm to `m`: the forward ops' arguments, and the results the
+// Python wrappers use.
 void register_eager_calls(pybind11::module_& m);
 
 } // namespace layernorm_ext

@@ -11,7 +11,7 @@ check has passed, so a call that raises leaves the buffers as they were.
 
 import torch
 
-from ._eager import forward_ops
+from ._eager import direct_calls
 from ._row_norm_autograd import backward_of_backward_2d
 from ._shapes import empty_unless, stats_dtype
 
@@ -42,10 +42,12 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    ops = forward_ops(input, weight, bias, running_mean, running_var)
-    output, _, _, new_mean, new_var = ops.batch_norm_forward(
-        input, weight, bias, running_mean, running_var, training, float(momentum), float(eps)
-    )
+    args = (input, weight, bias, running_mean, running_var, training, float(momentum), float(eps))
+    direct = direct_calls(input, weight, bias, running_mean, running_var)
+    if direct is not None:
+        output, new_mean, new_var = direct.batch_norm(*args)
+    else:
+        output, _, _, new_mean, new_var = _ops.batch_norm_forward(*args)
     if training and running_mean is not None:
         _copy_into(running_mean, new_mean)
         _copy_into(running_var, new_var)
@@ -246,3 +248,5 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
 torch.library.register_autograd(
     "layernorm_ext::batch_norm_backward", _backward_backward, setup_context=_backward_setup_context
 )
+
+_ops = torch.ops.layernorm_ext

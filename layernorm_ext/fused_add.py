@@ -12,9 +12,11 @@ returned ``s``) goes to both ``input`` and ``residual``.
 
 import torch
 
-from ._eager import forward_ops
+from ._eager import direct_calls
 from ._shapes import as_normalized_shape, batch_shape, stats_dtype
 from .rms_norm import default_rms_eps
+
+_ops = torch.ops.layernorm_ext
 
 
 def fused_add_layer_norm(input, residual, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -25,8 +27,12 @@ def fused_add_layer_norm(input, residual, normalized_shape, weight=None, bias=No
     rounded to the input dtype before it is normalized, as the separate add
     would be.
     """
-    output, sum_, _, _ = forward_ops(input, residual, weight, bias).fused_add_layer_norm_forward(
-        input, residual, as_normalized_shape(normalized_shape), weight, bias, float(eps)
+    normalized_shape = as_normalized_shape(normalized_shape)
+    direct = direct_calls(input, residual, weight, bias)
+    if direct is not None:
+        return direct.fused_add_layer_norm(input, residual, normalized_shape, weight, bias, float(eps))
+    output, sum_, _, _ = _ops.fused_add_layer_norm_forward(
+        input, residual, normalized_shape, weight, bias, float(eps)
     )
     return output, sum_
 
@@ -39,8 +45,12 @@ def fused_add_rms_norm(input, residual, normalized_shape, weight=None, eps=None)
     """
     if eps is None:
         eps = default_rms_eps(input.dtype)
-    output, sum_, _ = forward_ops(input, residual, weight).fused_add_rms_norm_forward(
-        input, residual, as_normalized_shape(normalized_shape), weight, float(eps)
+    normalized_shape = as_normalized_shape(normalized_shape)
+    direct = direct_calls(input, residual, weight)
+    if direct is not None:
+        return direct.fused_add_rms_norm(input, residual, normalized_shape, weight, float(eps))
+    output, sum_, _ = _ops.fused_add_rms_norm_forward(
+        input, residual, normalized_shape, weight, float(eps)
     )
     return output, sum_
 

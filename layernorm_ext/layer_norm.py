@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from ._eager import forward_ops
+from ._eager import direct_calls
 from ._row_norm_autograd import backward_of_backward
 from ._shapes import (
     as_normalized_shape,
@@ -18,6 +18,8 @@ from ._shapes import (
     empty_unless,
     stats_dtype,
 )
+
+_ops = torch.ops.layernorm_ext
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -29,9 +31,11 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     optional, of shape ``normalized_shape``). float16/bfloat16 inputs are
     computed in float32; their weight and bias may be float32.
     """
-    output, _, _ = forward_ops(input, weight, bias).layer_norm_forward(
-        input, as_normalized_shape(normalized_shape), weight, bias, float(eps)
-    )
+    normalized_shape = as_normalized_shape(normalized_shape)
+    direct = direct_calls(input, weight, bias)
+    if direct is not None:
+        return direct.layer_norm(input, normalized_shape, weight, bias, float(eps))
+    output, _, _ = _ops.layer_norm_forward(input, normalized_shape, weight, bias, float(eps))
     return output
 
 

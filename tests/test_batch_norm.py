@@ -244,6 +244,24 @@ def test_large_mean_is_exact():
         torch.testing.assert_close(rm.double(), ref_rm, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_blocks_led_by_an_outlier_are_exact(layout):
+    """A statistics block's one-sweep variance (sums of x - shift and its
+    square, shift the block's first value) cancels by (mean - shift)^2 / var
+    roundings: with a first value of 1e3 among unit values, about 1e3 of them
+    here, and a one-sweep variance off by 1e-3 (outputs by 5e-4). The kernels
+    must notice and take the deviations from the mean."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(2, 3, 128, 64, generator=g)
+    x[0, :, 0, 0] = 1e3
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+        x[:, :, 2, 0] = 1e3  # channels-last row blocks start further on
+    y = layernorm_ext.batch_norm(x, None, None, training=True)
+    y_ref = F.batch_norm(x.double(), None, None, training=True)
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=5e-5)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4), (2, 3, 0), (0, 3)])
 def test_empty_batch_matches_torch(shape):
     ours, reference = make_modules(Sample(shape))

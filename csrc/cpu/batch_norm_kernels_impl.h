@@ -32,11 +32,12 @@
 // reads it from cache and memory sees one read (reduce_and_apply_per_channel);
 // a group's planes of one sample are adjacent, so the first sweep reads long
 // stretches of memory in address order even when planes are short. A block's
-// mean and then its squared deviations are two sweeps over a block of about
-// kStatBlock elements, the second one from L1/L2, so the variance is the exact
-// two-pass one (a channel with mean 1e4 and unit variance keeps full
-// precision, unlike E[x^2] - E[x]^2) for the memory cost of one pass; blocks
-// are merged with Chan et al.'s pairwise formula. Sums are taken of x minus a
+// variance, over about kStatBlock elements, comes from one sweep when that is
+// exact enough, else from a second sweep of squared deviations from the mean,
+// which reads the block from L1/L2 (MomentsSweep): a channel with mean 1e4
+// and unit variance keeps full precision, unlike E[x^2] - E[x]^2, for the
+// memory cost of one pass; blocks are merged with Chan et al.'s pairwise
+// formula. Sums are taken of x minus a
 // value of the block, so a large mean does not cost the mean its precision
 // either. Outputs of kStreamBytes or more are written with non-temporal
 // stores (simd_kernel_helpers.h).
@@ -569,6 +570,15 @@ void for_each_plane_of_group(
 // values near 1e4 would lose the mean's last digits). m2 is the corrected
 // two-pass sum(d^2) - sum(d)^2 / n, d = x - mean: the second term takes out
 // the error the rounding of the mean leaves in the first.
+//
+// Each block first tries one sweep: the sums of d = x - shift and d^2 give
+// m2 = sum(d^2) - sum(d)^2 / n, which cancels by about (mean - shift)^2 / var
+// roundings; when that is at most kOnePassSpread for every channel of the
+// block (always, for 17 values or fewer: no value of n lies further than n -
+// 1 variances from their mean), the one sweep stands, else the block takes
+// the second sweep. The second sweep reads the block from L1/L2, so the
+// saving is in instructions (a third of them for a row block of 8 rows),
+// not in memory.
 template <typename T>
 struct MomentsSweep {
   using scalar = T;
@@ -580,17 +590,26 @@ struct MomentsSweep {
   void rows_sub_block(int64_t offset, int64_t rows, int64_t width, acc* mean, acc* m2) const {
     const T* block = x + offset;
     const acc inv_rows = acc(1) / static_cast<acc>(rows);
+    bool one_sweep_exact = true;
     column_sums<acc>(
         rows, width,
         [&](auto tag, int64_t r, int64_t j) {
           using V = decltype(tag);
           const V d = V::load(block + r * width + j) - V::load(block + j);
-          return Sums2<V>{d, d};
+          return Sums2<V>{d, d * d};
         },
         [&](auto tag, int64_t j, const auto& shifted_sums) {
           using V = decltype(tag);
-          fma(shifted_sums.first, V::broadcast(inv_rows), V::load(block + j)).store(mean + j);
+          const V offset_from_shift = shifted_sums.first * V::broadcast(inv_rows);
+          const V sub_block_m2 = shifted_sums.second - shifted_sums.first * offset_from_shift;
+          (V::load(block + j) + offset_from_shift).store(mean + j);
+          sub_block_m2.store(m2 + j);
+          // (mean - shift)^2 <= kOnePassSpread * m2 / rows, and no NaN.
+          one_sweep_exact = one_sweep_exact &&
+              all_at_least(sub_block_m2 * V::broadcast(static_cast<acc>(kOnePassSpread) * inv_rows),
+                           offset_from_shift * offset_from_shift);
         });
+    if (one_sweep_exact) return;
     column_sums<acc>(
         rows, width,
         [&](auto tag, int64_t r, int64_t j) {
@@ -608,22 +627,37 @@ struct MomentsSweep {
   // The (mean, m2) of the block [begin, end) of each of channels [c0, c1).
   void plane_blocks(
       int64_t c0, int64_t c1, int64_t begin, int64_t end, std::array<acc, 2>* stats) const {
-    std::array<acc, kMaxGroupChannels> shift, shifted_sum, mean, sum_squares, sum_deviations;
+    std::array<acc, kMaxGroupChannels> shift, shifted_sum, shifted_squares, mean, sum_squares,
+        sum_deviations;
     const int64_t o = begin / layout.inner, i = begin % layout.inner;
     for (int64_t c = c0; c < c1; ++c) {
       shift[c - c0] = static_cast<acc>(x[(o * layout.channels + c) * layout.inner + i]);
-      shifted_sum[c - c0] = sum_squares[c - c0] = sum_deviations[c - c0] = acc(0);
+      shifted_sum[c - c0] = shifted_squares[c - c0] = acc(0);
+      sum_squares[c - c0] = sum_deviations[c - c0] = acc(0);
     }
-    const acc inv_count = acc(1) / static_cast<acc>(end - begin);
+    const acc count = static_cast<acc>(end - begin);
+    const acc inv_count = acc(1) / count;
     for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
       const acc s = shift[c - c0];
-      shifted_sum[c - c0] += chunked_sums<acc>(length, [&](auto tag, int64_t j) {
+      const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
         using V = decltype(tag);
         const V d = V::load(x + offset + j) - V::broadcast(s);
-        return Sums2<V>{d, d};
-      }).first;
+        return Sums2<V>{d, d * d};
+      });
+      shifted_sum[c - c0] += run.first;
+      shifted_squares[c - c0] += run.second;
     });
-    for (int64_t k = 0; k < c1 - c0; ++k) mean[k] = shift[k] + shifted_sum[k] * inv_count;
+    // One sweep when it is exact enough for every channel (see above).
+    bool one_sweep_exact = true;
+    for (int64_t k = 0; k < c1 - c0; ++k) {
+      const acc offset_from_shift = shifted_sum[k] * inv_count;
+      mean[k] = shift[k] + offset_from_shift;
+      const acc m2 = shifted_squares[k] - shifted_sum[k] * offset_from_shift;
+      stats[k] = {mean[k], m2};
+      one_sweep_exact = one_sweep_exact &&
+          offset_from_shift * offset_from_shift * count <= static_cast<acc>(kOnePassSpread) * m2;
+    }
+    if (one_sweep_exact) return;
     for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
       const acc mu = mean[c - c0];
       const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {

@@ -47,12 +47,6 @@
 
 constexpr int64_t kRowGroup = 4;
 
-// How far, in variances, x[0] may lie from the row's mean (squared) before
-// the variance takes a second sweep (see above): within it, the one-sweep
-// variance is good to about 1 + kOnePassSpread roundings; a normal row's
-// x[0] lies beyond it once in 16000 rows.
-constexpr double kOnePassSpread = 16;
-
 // Whether to write a rows x cols output with non-temporal stores: when it
 // is too large to stay in cache and every row starts on a Vec store boundary
 // (streamed stores need aligned addresses).

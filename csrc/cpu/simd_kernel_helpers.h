@@ -23,6 +23,14 @@ constexpr int64_t kSumChunk = 512;
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 constexpr int64_t kStreamAlignment = 64;
 
+// Variances in one sweep: the sums of d = x - shift and d^2, shift a value
+// of the data, give n * var = sum(d^2) - sum(d)^2 / n, which cancels by
+// about (mean - shift)^2 / var roundings. Up to kOnePassSpread of them (the
+// one-sweep variance good to about 1 + kOnePassSpread roundings) the kernels
+// keep it; beyond, they take the squared deviations from the mean in a
+// second sweep. A normal sample's shift lies beyond once in 16000.
+constexpr double kOnePassSpread = 16;
+
 // One lane with Vec's interface, for the elements that do not fill a Vec.
 template <typename A>
 struct Scalar {
@@ -52,6 +60,9 @@ template <typename A>
 inline Scalar<A> operator*(Scalar<A> a, Scalar<A> b) { return {a.v * b.v}; }
 template <typename A>
 inline Scalar<A> fma(Scalar<A> a, Scalar<A> b, Scalar<A> c) { return {fma(a.v, b.v, c.v)}; }
+
+template <typename A>
+inline bool all_at_least(Scalar<A> a, Scalar<A> b) { return a.v >= b.v; }
 
 template <typename A>
 struct Sums2 {

@@ -80,6 +80,13 @@ inline Vec<double> operator*(Vec<double> a, Vec<double> b) { return {_mm256_mul_
 inline Vec<double> fma(Vec<double> a, Vec<double> b, Vec<double> c) {
   return {_mm256_fmadd_pd(a.v, b.v, c.v)};
 }
+// Whether a >= b in every lane (false where either is NaN).
+inline bool all_at_least(Vec<float> a, Vec<float> b) {
+  return _mm256_movemask_ps(_mm256_cmp_ps(a.v, b.v, _CMP_NGE_UQ)) == 0;
+}
+inline bool all_at_least(Vec<double> a, Vec<double> b) {
+  return _mm256_movemask_pd(_mm256_cmp_pd(a.v, b.v, _CMP_NGE_UQ)) == 0;
+}
 // Lanes [0, n) of a and the others of b (0 <= n <= kLanes).
 inline Vec<float> select_first(int64_t n, Vec<float> a, Vec<float> b) {
   const __m256 first = _mm256_cmp_ps(

@@ -77,6 +77,13 @@ inline Vec<double> operator*(Vec<double> a, Vec<double> b) { return {_mm512_mul_
 inline Vec<double> fma(Vec<double> a, Vec<double> b, Vec<double> c) {
   return {_mm512_fmadd_pd(a.v, b.v, c.v)};
 }
+// Whether a >= b in every lane (false where either is NaN).
+inline bool all_at_least(Vec<float> a, Vec<float> b) {
+  return _mm512_cmp_ps_mask(a.v, b.v, _CMP_NGE_UQ) == 0;
+}
+inline bool all_at_least(Vec<double> a, Vec<double> b) {
+  return _mm512_cmp_pd_mask(a.v, b.v, _CMP_NGE_UQ) == 0;
+}
 // Lanes [0, n) of a and the others of b (0 <= n <= kLanes).
 inline Vec<float> select_first(int64_t n, Vec<float> a, Vec<float> b) {
   return {_mm512_mask_blend_ps(static_cast<__mmask16>((1u << n) - 1), b.v, a.v)};

@@ -105,6 +105,14 @@ LAYERNORM_EXT_VEC_INLINE Vec<A> operator*(Vec<A> a, Vec<A> b) { return {a.v * b.
 template <typename A>
 LAYERNORM_EXT_VEC_INLINE Vec<A> fma(Vec<A> a, Vec<A> b, Vec<A> c) { return a * b + c; }
 
+// Whether a >= b in every lane (false where either is NaN).
+template <typename A>
+LAYERNORM_EXT_VEC_INLINE bool all_at_least(Vec<A> a, Vec<A> b) {
+  bool all = true;
+  for (int64_t i = 0; i < Vec<A>::kLanes; ++i) all = all && a.v[i] >= b.v[i];
+  return all;
+}
+
 // Lanes [0, n) of a and the others of b (0 <= n <= kLanes).
 template <typename A>
 LAYERNORM_EXT_VEC_INLINE Vec<A> select_first(int64_t n, Vec<A> a, Vec<A> b) {

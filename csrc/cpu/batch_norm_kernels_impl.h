@@ -202,57 +202,62 @@ void write_plane_range(
                         : static_cast<int64_t>((kStreamAlignment - misalignment) / sizeof(T)));
   int64_t e = begin;
   for (; e < begin + head; ++e) scalar_at(e);
-  int64_t plane = e / inner;
-  int64_t plane_end = (plane + 1) * inner;
-  std::array<V, K> k;
-  auto broadcast_channel = [&] {
-    const int64_t c = plane % channels;
+  // The coefficients of the channel of plane p, as Vecs.
+  auto broadcast_channel = [&](int64_t p) {
+    const int64_t c = p % channels;
+    std::array<V, K> k;
     for (size_t i = 0; i < K; ++i) k[i] = V::broadcast(coefficients[i][c]);
+    return k;
   };
-  broadcast_channel();
-  auto write = [&](int64_t at, const std::array<V, K>& lane_k) {
-    const V y = value(V{}, at, lane_k);
-    if (stream) {
-      y.stream(out + at);
-    } else {
-      y.store(out + at);
-    }
-  };
-  for (; e + L <= end; e += L) {
-    if (e >= plane_end) {
-      plane = e / inner;
-      plane_end = (plane + 1) * inner;
-      broadcast_channel();
-    }
-    if (e + L <= plane_end) {
-      write(e, k);
-      continue;
-    }
-    // Across planes. Into the next one only: both channels' values, blended.
-    if (e + L <= plane_end + inner) {
-      const std::array<V, K> first = k;
-      ++plane;
-      plane_end += inner;
-      broadcast_channel();
-      const V y = select_first(plane_end - inner - e, value(V{}, e, first), value(V{}, e, k));
-      if (stream) {
-        y.stream(out + e);
+  // One loop per store kind, the flag out of the loop body.
+  auto sweep = [&](auto streamed) {
+    auto write = [&](int64_t at, const V& y) {
+      if constexpr (decltype(streamed)::value) {
+        y.stream(out + at);
       } else {
-        y.store(out + e);
+        y.store(out + at);
       }
-      continue;
+    };
+    int64_t plane = e / inner;
+    while (e + L <= end) {
+      const int64_t plane_end = (plane + 1) * inner;
+      // The Vecs inside this plane: its coefficients fresh locals, which the
+      // compiler keeps in registers across the stores.
+      const std::array<V, K> k = broadcast_channel(plane);
+      const int64_t inside_end = std::min(end, plane_end);
+      for (; e + L <= inside_end; e += L) write(e, value(V{}, e, k));
+      if (e + L > end) return;
+      if (e == plane_end) {  // the plane ended on a Vec boundary
+        ++plane;
+        continue;
+      }
+      // Across planes. Into the next one only: both channels' values, blended.
+      if (e + L <= plane_end + inner) {
+        ++plane;
+        write(e, select_first(plane_end - e, value(V{}, e, k),
+                              value(V{}, e, broadcast_channel(plane))));
+        e += L;
+        continue;
+      }
+      // Planes shorter than a Vec: each lane takes its own channel's values.
+      alignas(64) acc lanes[K][L];
+      int64_t c = plane % channels;
+      int64_t lane_plane_end = plane_end;
+      for (int64_t l = 0; l < L; ++l) {
+        for (; e + l >= lane_plane_end; lane_plane_end += inner) c = c + 1 == channels ? 0 : c + 1;
+        for (size_t i = 0; i < K; ++i) lanes[i][l] = coefficients[i][c];
+      }
+      std::array<V, K> lane_k;
+      for (size_t i = 0; i < K; ++i) lane_k[i] = V::load(lanes[i]);
+      write(e, value(V{}, e, lane_k));
+      e += L;
+      plane = e / inner;
     }
-    // Planes shorter than a Vec: each lane takes its own channel's values.
-    alignas(64) acc lanes[K][L];
-    int64_t c = plane % channels;
-    int64_t lane_plane_end = plane_end;
-    for (int64_t l = 0; l < L; ++l) {
-      for (; e + l >= lane_plane_end; lane_plane_end += inner) c = c + 1 == channels ? 0 : c + 1;
-      for (size_t i = 0; i < K; ++i) lanes[i][l] = coefficients[i][c];
-    }
-    std::array<V, K> lane_k;
-    for (size_t i = 0; i < K; ++i) lane_k[i] = V::load(lanes[i]);
-    write(e, lane_k);
+  };
+  if (stream) {
+    sweep(std::true_type{});
+  } else {
+    sweep(std::false_type{});
   }
   for (; e < end; ++e) scalar_at(e);
 }
@@ -813,11 +818,10 @@ void batch_norm_forward(const BatchNormForwardArgs<T>& args) {
     });
   };
   auto plane_range = [&](int64_t begin, int64_t end) {
-    const T* x = args.input;
     write_plane_range<acc>(
         args.output, begin, end, layout,
         ChannelCoefficients<acc, 3>{args.save_mean, scale.data(), shift.data()}, stream,
-        [&](auto tag, int64_t e, const auto& k) {
+        [x = args.input](auto tag, int64_t e, const auto& k) {
           using V = decltype(tag);
           return fma(V::load(x + e) - k[0], k[1], k[2]);
         });
@@ -911,7 +915,7 @@ void batch_norm_backward(const BatchNormBackwardArgs<T>& args) {
     if (!training) {
       write_plane_range<acc>(
           args.grad_input, begin, end, layout, ChannelCoefficients<acc, 1>{dy_scale.data()}, stream,
-          [&](auto tag, int64_t e, const auto& k) {
+          [dy](auto tag, int64_t e, const auto& k) {
             using V = decltype(tag);
             return V::load(dy + e) * k[0];
           });
@@ -920,7 +924,7 @@ void batch_norm_backward(const BatchNormBackwardArgs<T>& args) {
     write_plane_range<acc>(
         args.grad_input, begin, end, layout,
         ChannelCoefficients<acc, 4>{args.mean, dy_scale.data(), xmu_scale.data(), shift.data()},
-        stream, [&](auto tag, int64_t e, const auto& k) {
+        stream, [dy, x](auto tag, int64_t e, const auto& k) {
           using V = decltype(tag);
           return fma(V::load(dy + e), k[1], fma(V::load(x + e) - k[0], k[2], k[3]));
         });

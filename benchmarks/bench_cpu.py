@@ -216,6 +216,7 @@ def write_markdown(cases, path, header):
     lines += ["", "Geometric mean of speedups:", ""]
     groups = [(op, (op,)) for op in dict.fromkeys(c.op for c in cases)]
     groups.append(("layer_norm + rms_norm", ("layer_norm", "rms_norm")))
+    groups.append(("all cases", tuple(dict.fromkeys(c.op for c in cases))))
     for name, ops in groups:
         for threads in dict.fromkeys(c.threads for c in cases):
             speedups = [c.times["torch"] / c.times["ours"] for c in cases

@@ -8,10 +8,11 @@
 // Vectorization: plane reductions run lanes along a plane, the channel's
 // coefficients broadcast, sums in four accumulators per series
 // (chunked_sums); plane elementwise passes run aligned Vecs along the
-// tensor, across planes (write_plane_range). Row loops run one lane per channel: rows of fewer than 64
-// channels are taken several at a time (see row_fold) so that the lanes
-// fill, and the per-channel sums of a strip of kStripVectors vectors stay in
-// registers down the rows of a statistics block (column_sums).
+// tensor, across planes (write_plane_range). Row loops run one lane per
+// channel: rows of fewer than 64 channels are taken several at a time (see
+// row_fold) so that the lanes fill, and the per-channel sums of a strip of
+// kStripVectors vectors stay in registers down the rows of a statistics
+// block (column_sums).
 //
 // Determinism: a channel's statistics are merged from per-block partials.
 // The blocks are cut from the shape alone, each block is reduced in a fixed
@@ -37,10 +38,9 @@
 // which reads the block from L1/L2 (MomentsSweep): a channel with mean 1e4
 // and unit variance keeps full precision, unlike E[x^2] - E[x]^2, for the
 // memory cost of one pass; blocks are merged with Chan et al.'s pairwise
-// formula. Sums are taken of x minus a
-// value of the block, so a large mean does not cost the mean its precision
-// either. Outputs of kStreamBytes or more are written with non-temporal
-// stores (simd_kernel_helpers.h).
+// formula. Sums are taken of x minus a value of the block, so a large mean
+// does not cost the mean its precision either. Outputs of kStreamBytes or
+// more are written with non-temporal stores (simd_kernel_helpers.h).
 
 namespace {
 
@@ -115,9 +115,9 @@ struct SumsMerge {
 // written by a Vec that overlaps its neighbour (an element's value does not
 // depend on which Vec computes it, so the overlap stores the same bits
 // twice): one store where Scalar would take up to kLanes - 1. Shorter runs go
-// through Scalar. With
-// `stream`, the Vec stores from the first kStreamAlignment boundary on are
-// non-temporal, so that every streamed Vec is aligned.
+// through Scalar. With `stream`, the Vec stores from the first
+// kStreamAlignment boundary on are non-temporal, so that every streamed Vec
+// is aligned.
 template <typename acc, typename T, typename Value>
 inline void write_elements(T* out, int64_t length, bool stream, const Value& value) {
   using V = Vec<acc>;
@@ -534,7 +534,8 @@ ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& s
 // layout: plane_range(begin, end) per range of elements (see
 // write_plane_range).
 template <typename Row, typename PlaneRange>
-void parallel_elementwise(const ChannelLayout& layout, const Row& row, const PlaneRange& plane_range) {
+void parallel_elementwise(
+    const ChannelLayout& layout, const Row& row, const PlaneRange& plane_range) {
   const int64_t channels = layout.channels;
   if (layout.inner == 1) {
     const int64_t width = row_fold(channels) * channels;
@@ -564,7 +565,8 @@ template <typename PlaneRange>
 void for_each_plane_of_group(
     const ChannelLayout& layout, int64_t c0, int64_t c1, const PlaneRange& plane_range) {
   for (int64_t o = 0; o < layout.outer; ++o) {
-    plane_range((o * layout.channels + c0) * layout.inner, (o * layout.channels + c1) * layout.inner);
+    const int64_t sample = o * layout.channels;
+    plane_range((sample + c0) * layout.inner, (sample + c1) * layout.inner);
   }
 }
 
@@ -582,8 +584,7 @@ void for_each_plane_of_group(
 // block (always, for 17 values or fewer: no value of n lies further than n -
 // 1 variances from their mean), the one sweep stands, else the block takes
 // the second sweep. The second sweep reads the block from L1/L2, so the
-// saving is in instructions (a third of them for a row block of 8 rows),
-// not in memory.
+// saving is in instructions, not in memory.
 template <typename T>
 struct MomentsSweep {
   using scalar = T;

@@ -15,6 +15,8 @@ from ._eager import direct_calls
 from ._row_norm_autograd import backward_of_backward_2d
 from ._shapes import empty_unless, stats_dtype
 
+_ops = torch.ops.layernorm_ext
+
 
 def batch_norm(
     input,
@@ -248,5 +250,3 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
 torch.library.register_autograd(
     "layernorm_ext::batch_norm_backward", _backward_backward, setup_context=_backward_setup_context
 )
-
-_ops = torch.ops.layernorm_ext

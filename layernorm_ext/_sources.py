@@ -27,6 +27,11 @@ def source_root() -> Path:
     )
 
 
+# The pybind11 module's sources (the extension module and its eager entry
+# points): Python builds only; CMakeLists.txt's C++ library leaves them out.
+PYTHON_MODULE_SOURCES = ("module.cpp", "eager_calls.cpp")
+
+
 def cpu_sources(root: Path) -> list[Path]:
     """Every source of a CPU-only build: schemas, checks, module, CPU kernels."""
     return sorted(root.glob("*.cpp")) + sorted((root / "cpu").glob("*.cpp"))

@@ -24,14 +24,11 @@ namespace {
 
 using OptionalTensor = std::optional<at::Tensor>;
 
-// The typed handle of layernorm_ext::<name>, looked up once.
+// The typed handle of layernorm_ext::<name>; each caller keeps its own in a
+// function-local static, so that it is looked up once.
 template <typename Signature>
-const c10::TypedOperatorHandle<Signature>& op_handle(const char* name) {
-  // One static per Signature and call site: each caller passes one name.
-  static const auto handle = c10::Dispatcher::singleton()
-                                 .findSchemaOrThrow(name, "")
-                                 .template typed<Signature>();
-  return handle;
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").template typed<Signature>();
 }
 
 c10::SymIntArrayRef as_sym(const std::vector<int64_t>& sizes) {
@@ -43,8 +40,8 @@ at::Tensor layer_norm(
     const OptionalTensor& weight, const OptionalTensor& bias, double eps) {
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, c10::SymIntArrayRef, const OptionalTensor&, const OptionalTensor&, double);
-  return std::get<0>(op_handle<Signature>("layernorm_ext::layer_norm_forward")
-                         .call(input, as_sym(normalized_shape), weight, bias, eps));
+  static const auto op = op_handle<Signature>("layernorm_ext::layer_norm_forward");
+  return std::get<0>(op.call(input, as_sym(normalized_shape), weight, bias, eps));
 }
 
 at::Tensor rms_norm(
@@ -52,8 +49,8 @@ at::Tensor rms_norm(
     const OptionalTensor& weight, double eps) {
   using Signature = std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, c10::SymIntArrayRef, const OptionalTensor&, double);
-  return std::get<0>(op_handle<Signature>("layernorm_ext::rms_norm_forward")
-                         .call(input, as_sym(normalized_shape), weight, eps));
+  static const auto op = op_handle<Signature>("layernorm_ext::rms_norm_forward");
+  return std::get<0>(op.call(input, as_sym(normalized_shape), weight, eps));
 }
 
 // (output, new_running_mean, new_running_var).
@@ -64,8 +61,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm(
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const OptionalTensor&, const OptionalTensor&, const OptionalTensor&,
       const OptionalTensor&, bool, double, double);
-  auto results = op_handle<Signature>("layernorm_ext::batch_norm_forward")
-                     .call(input, weight, bias, running_mean, running_var, training, momentum, eps);
+  static const auto op = op_handle<Signature>("layernorm_ext::batch_norm_forward");
+  auto results = op.call(input, weight, bias, running_mean, running_var, training, momentum, eps);
   return {std::get<0>(results), std::get<3>(results), std::get<4>(results)};
 }
 
@@ -77,8 +74,8 @@ std::tuple<at::Tensor, at::Tensor> fused_add_layer_norm(
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const OptionalTensor&,
       const OptionalTensor&, double);
-  auto results = op_handle<Signature>("layernorm_ext::fused_add_layer_norm_forward")
-                     .call(input, residual, as_sym(normalized_shape), weight, bias, eps);
+  static const auto op = op_handle<Signature>("layernorm_ext::fused_add_layer_norm_forward");
+  auto results = op.call(input, residual, as_sym(normalized_shape), weight, bias, eps);
   return {std::get<0>(results), std::get<1>(results)};
 }
 
@@ -88,8 +85,8 @@ std::tuple<at::Tensor, at::Tensor> fused_add_rms_norm(
     const std::vector<int64_t>& normalized_shape, const OptionalTensor& weight, double eps) {
   using Signature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&, c10::SymIntArrayRef, const OptionalTensor&, double);
-  auto results = op_handle<Signature>("layernorm_ext::fused_add_rms_norm_forward")
-                     .call(input, residual, as_sym(normalized_shape), weight, eps);
+  static const auto op = op_handle<Signature>("layernorm_ext::fused_add_rms_norm_forward");
+  auto results = op.call(input, residual, as_sym(normalized_shape), weight, eps);
   return {std::get<0>(results), std::get<1>(results)};
 }
 

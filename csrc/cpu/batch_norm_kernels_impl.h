@@ -596,7 +596,7 @@ struct MomentsSweep {
   void rows_sub_block(int64_t offset, int64_t rows, int64_t width, acc* mean, acc* m2) const {
     const T* block = x + offset;
     const acc inv_rows = acc(1) / static_cast<acc>(rows);
-    bool one_sweep_exact = true;
+    bool exact = true;
     column_sums<acc>(
         rows, width,
         [&](auto tag, int64_t r, int64_t j) {
@@ -610,12 +610,10 @@ struct MomentsSweep {
           const V sub_block_m2 = shifted_sums.second - shifted_sums.first * offset_from_shift;
           (V::load(block + j) + offset_from_shift).store(mean + j);
           sub_block_m2.store(m2 + j);
-          // (mean - shift)^2 <= kOnePassSpread * m2 / rows, and no NaN.
-          one_sweep_exact = one_sweep_exact &&
-              all_at_least(sub_block_m2 * V::broadcast(static_cast<acc>(kOnePassSpread) * inv_rows),
-                           offset_from_shift * offset_from_shift);
+          const V sub_block_var = sub_block_m2 * V::broadcast(inv_rows);
+          exact = exact && one_sweep_exact(offset_from_shift, sub_block_var);
         });
-    if (one_sweep_exact) return;
+    if (exact) return;
     column_sums<acc>(
         rows, width,
         [&](auto tag, int64_t r, int64_t j) {
@@ -641,8 +639,7 @@ struct MomentsSweep {
       shifted_sum[c - c0] = shifted_squares[c - c0] = acc(0);
       sum_squares[c - c0] = sum_deviations[c - c0] = acc(0);
     }
-    const acc count = static_cast<acc>(end - begin);
-    const acc inv_count = acc(1) / count;
+    const acc inv_count = acc(1) / static_cast<acc>(end - begin);
     for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
       const acc s = shift[c - c0];
       const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
@@ -654,16 +651,15 @@ struct MomentsSweep {
       shifted_squares[c - c0] += run.second;
     });
     // One sweep when it is exact enough for every channel (see above).
-    bool one_sweep_exact = true;
+    bool exact = true;
     for (int64_t k = 0; k < c1 - c0; ++k) {
       const acc offset_from_shift = shifted_sum[k] * inv_count;
       mean[k] = shift[k] + offset_from_shift;
       const acc m2 = shifted_squares[k] - shifted_sum[k] * offset_from_shift;
       stats[k] = {mean[k], m2};
-      one_sweep_exact = one_sweep_exact &&
-          offset_from_shift * offset_from_shift * count <= static_cast<acc>(kOnePassSpread) * m2;
+      exact = exact && one_sweep_exact(Scalar<acc>{offset_from_shift}, Scalar<acc>{m2 * inv_count});
     }
-    if (one_sweep_exact) return;
+    if (exact) return;
     for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
       const acc mu = mean[c - c0];
       const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {

@@ -109,7 +109,7 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
         mu = shift + offset;
         args.mean[r] = mu;
         var = (first.second - first.first * offset) / cols;
-        if (!(offset * offset <= static_cast<acc>(kOnePassSpread) * var)) {
+        if (!one_sweep_exact(Scalar<acc>{offset}, Scalar<acc>{var})) {
           const Sums2<acc> deviations = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
             using V = decltype(tag);
             const V d = V::load(x + j) - V::broadcast(mu);

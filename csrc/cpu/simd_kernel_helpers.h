@@ -64,6 +64,14 @@ inline Scalar<A> fma(Scalar<A> a, Scalar<A> b, Scalar<A> c) { return {fma(a.v, b
 template <typename A>
 inline bool all_at_least(Scalar<A> a, Scalar<A> b) { return a.v >= b.v; }
 
+// Whether a one-sweep variance `var` (m2 / n), of values whose mean lies
+// `offset` from the shift, stands (see kOnePassSpread): offset^2 <=
+// kOnePassSpread * var in every lane of V (a Vec or a Scalar); false for NaN.
+template <typename V>
+inline bool one_sweep_exact(V offset, V var) {
+  return all_at_least(var * V::broadcast(kOnePassSpread), offset * offset);
+}
+
 template <typename A>
 struct Sums2 {
   A first;

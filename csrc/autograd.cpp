@@ -1,45 +1,59 @@
-// Autograd kernels of the forward ops, one registration for every backend
-// (DispatchKey Autograd): each is a torch::autograd::Function whose forward
-// calls the op below autograd and whose backward calls the matching backward
-// op through the dispatcher, plus the input's gradient through the returned
-// statistics.
+// Autograd kernels of every op, one registration for every backend
+// (DispatchKey Autograd), written the way torch's generated VariableType
+// kernels are: the op runs below autograd, then
+//  - reverse mode: a Node (our own subclass, not a torch::autograd::Function)
+//    becomes the outputs' grad_fn, saving what its backward needs;
+//  - forward mode: when an argument carries a tangent (forward-mode AD,
+//    torch.func.jvp/jacfwd), the outputs get theirs from the formulas in
+//    autograd_formulas.h.
+// This is what torch.func's transforms need: they run autograd kernels on
+// their wrapped tensors level by level, which works for Nodes recorded this
+// way and refuses C++ autograd::Functions; vmap's batching rules are
+// registered from Python (layernorm_ext/_vmap.py).
 //
-// They are C++ because an autograd kernel registered from Python
-// (torch.library.register_autograd) runs on every call, with or without
-// grad, and its few microseconds are most of the time of a small norm. The
-// backward ops keep their Python autograd (closed-form double backward in
-// layernorm_ext/_row_norm_autograd.py and batch_norm.py), which the
-// dispatcher reaches when the backward below is itself recorded
-// (create_graph); the statistics path is written in ATen ops, so that it is
-// differentiable too.
+// The forward ops' Nodes call the backward ops (the fast kernels), plus the
+// input's gradient through the returned statistics; the backward ops' Nodes
+// (double backward) and every tangent use differentiable ATen formulas, so
+// that derivatives of any order exist. When nothing is recorded and no
+// argument has a tangent (torch.no_grad, inference, a backward without
+// create_graph), a kernel costs one check before calling the op below
+// autograd: the reason it is C++ (an autograd kernel registered from Python
+// costs microseconds on every call, most of the time of a small norm).
 //
-// normalized_shape is SymInt[] in the schemas (a kernel taking SymInts cannot
-// be registered for int[]), and these kernels take and pass it on as SymInts
-// (the ops' SymInt-typed handles): under torch.compile(dynamic=True) and
-// opcheck's aot_dispatch_dynamic test the sizes are symbolic, and an
-// IntArrayRef would fail on them.
+// normalized_shape is SymInt[] in the schemas, and these kernels take and pass
+// it on as SymInts: under torch.compile(dynamic=True) and opcheck's
+// aot_dispatch_dynamic test the sizes are symbolic.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <array>
+#include <memory>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <type_traits>
 #include <utility>
+#include <vector>
+
+#include "autograd_formulas.h"
 
 namespace layernorm_ext {
 namespace {
 
 using at::Tensor;
 using OptionalTensor = std::optional<Tensor>;
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using Tensors2 = std::tuple<Tensor, Tensor>;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensors5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+namespace formulas = autograd_formulas;
 
 // The ops' C++ signatures (csrc/ops.cpp has their schemas), with SymInt sizes.
 using LayerNormForward = Tensors3(
@@ -102,54 +116,64 @@ auto call_below_autograd(const c10::TypedOperatorHandle<Signature>& op, Args&&..
   return op.call(std::forward<Args>(args)...);
 }
 
-// Whether autograd must record a call on these tensors: grad mode is on and
-// one of them requires grad. When it need not (torch.no_grad, nothing
-// requiring grad; in backward, no create_graph) the ops below run without
-// their autograd kernels: a forward's Function::apply would build a node only
-// to drop it (and refuses functorch transforms such as vmap even then), and
-// a backward op's Python autograd kernel costs microseconds to record nothing.
-template <class... Args>
-bool records_grad(const Args&... tensors) {
-  return torch::autograd::compute_requires_grad(tensors...);
+// ---- What to record ----------------------------------------------------------
+
+Tensor tangent_of(const Tensor& t) {
+  return t.defined() ? t._fw_grad(/*level=*/0) : Tensor();
 }
 
-// Calls an op through its autograd kernel if `record`, else below it.
+Tensor tangent_of(const OptionalTensor& t) {
+  return t.has_value() ? tangent_of(*t) : Tensor();
+}
+
+// The primal of a dual tensor (itself otherwise): a formula computing a
+// tangent must not see the tangent of its inputs at the same level.
+Tensor primal_of(const Tensor& t) {
+  return tangent_of(t).defined() ? t._fw_primal(/*level=*/0) : t;
+}
+
+Tensor primal_of(const OptionalTensor& t) {
+  return t.has_value() ? primal_of(*t) : Tensor();
+}
+
+// What a call must record: reverse mode when grad mode is on and an argument
+// requires grad, forward mode when an argument has a tangent.
+struct Recording {
+  template <class... Args>
+  explicit Recording(const Args&... tensors)
+      : reverse(torch::autograd::compute_requires_grad(tensors...)),
+        forward((tangent_of(tensors).defined() || ...)) {}
+
+  bool any() const { return reverse || forward; }
+
+  bool reverse, forward;
+};
+
+// Calls an op through its autograd kernel when that must record, else below
+// it.
 template <class Signature, class... Args>
 auto call_op(const c10::TypedOperatorHandle<Signature>& op, bool record, Args&&... args) {
   if (record) return op.call(std::forward<Args>(args)...);
   return call_below_autograd(op, std::forward<Args>(args)...);
 }
 
+// torch 2.12 made Nodes intrusive_ptr targets (they were shared_ptr ones):
+// whichever pointer this torch has.
+using NodePtr = decltype(std::declval<Node&>().getptr());
+
+template <class T, class Ptr = NodePtr>
+Ptr make_node() {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<Node>>) {
+    return std::make_shared<T>();
+  } else {
+    return c10::make_intrusive<T>();
+  }
+}
+
 OptionalTensor optional_if_defined(const Tensor& t) {
   return t.defined() ? OptionalTensor(t) : std::nullopt;
 }
 
-// needs_input_grad of a Function's leading tensor arguments, `present[i]`
-// saying whether argument i was given: autograd numbers only the tensors
-// present (an absent std::optional has no index), and an absent one wants no
-// gradient.
-template <size_t N>
-std::array<bool, N> wanted_grads(AutogradContext* ctx, std::array<bool, N> present) {
-  std::array<bool, N> wanted{};
-  size_t index = 0;
-  for (size_t i = 0; i < N; ++i) {
-    if (present[i]) wanted[i] = ctx->needs_input_grad(index++);
-  }
-  return wanted;
-}
-
-template <size_t... I>
-auto as_tuple(const variable_list& outputs, std::index_sequence<I...>) {
-  return std::make_tuple(outputs[I]...);
-}
-
-template <size_t N>
-auto as_tuple(const variable_list& outputs) {
-  return as_tuple(outputs, std::make_index_sequence<N>());
-}
-
-// The sum of the defined tensors among a and b (undefined if neither is):
-// an undefined gradient stands for zero.
 Tensor add_defined(const Tensor& a, const Tensor& b) {
   if (!a.defined()) return b;
   if (!b.defined()) return a;
@@ -158,273 +182,183 @@ Tensor add_defined(const Tensor& a, const Tensor& b) {
 
 // The backward ops return [0]-shaped tensors for the gradients not asked
 // for; autograd wants undefined ones.
-void keep_masked(std::array<Tensor, 3>& grads, const std::array<bool, 3>& mask) {
-  for (size_t i = 0; i < grads.size(); ++i) {
+template <size_t N>
+void keep_masked(std::array<Tensor, N>& grads, const std::array<bool, N>& mask) {
+  for (size_t i = 0; i < N; ++i) {
     if (!mask[i]) grads[i] = Tensor();
   }
 }
 
-// The input gradient that flows back through a norm's returned statistics,
-// from their incoming gradients (either may be undefined; undefined if both
-// are): d mean / dx = 1 / count and d rstd / dx = -rstd^3 (x - mean) / count,
-// where count is the number of elements each statistic covers. mean is
-// undefined for RMSNorm (x is not centered). The statistics broadcast against
-// the input once `trailing` unit dims are appended: the normalized dims of a
-// row norm, the spatial dims of BatchNorm (per-channel statistics of an
-// (N, C, *) input). Computed in the statistics' dtype, as the kernels do.
-Tensor statistics_gradient(
-    const Tensor& input,
-    const Tensor& mean,
-    const Tensor& rstd,
-    const Tensor& grad_mean,
-    const Tensor& grad_rstd,
-    int64_t trailing,
-    const c10::SymInt& count) {
-  if (!grad_mean.defined() && !grad_rstd.defined()) return Tensor();
-  const auto broadcastable = [trailing](Tensor stat) {
-    for (int64_t i = 0; i < trailing; ++i) stat = stat.unsqueeze(-1);
-    return stat;
-  };
-  const auto x = input.to(rstd.scalar_type());
-  // The rstd term has the input's shape; the mean term only broadcasts to it.
-  auto grad = grad_rstd.defined()
-      ? broadcastable(-grad_rstd * rstd.pow(3)) * (mean.defined() ? x - broadcastable(mean) : x)
-      : at::zeros_like(x);
-  if (grad_mean.defined()) grad = grad + broadcastable(grad_mean);
-  return grad.div(c10::Scalar(count)).to(input.scalar_type());
+void set_tangent(const Tensor& output, const Tensor& tangent) {
+  if (tangent.defined()) output._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
 }
 
-// ---- LayerNorm and RMSNorm, plain and with the fused residual add ----------
+// ---- Forward ops -----------------------------------------------------------
 
-// What a row norm's backward needs: the normalized tensor (the input, or the
-// sum of the fused ops), the parameters (undefined when absent), the
-// statistics (mean undefined for RMSNorm) and normalized_shape.
-void save_row_norm(
-    AutogradContext* ctx,
-    const Tensor& normalized,
-    c10::SymIntArrayRef normalized_shape,
-    const OptionalTensor& weight,
-    const OptionalTensor& bias,
-    const Tensor& mean,
-    const Tensor& rstd) {
-  ctx->save_for_backward(
-      {normalized, weight.value_or(Tensor()), bias.value_or(Tensor()), mean, rstd});
-  ctx->saved_data["normalized_shape"] = normalized_shape;
-  // An undefined incoming gradient means zero: no materialized zeros.
-  ctx->set_materialize_grads(false);
-}
+enum class NormKind { kLayerNorm, kRmsNorm, kBatchNorm };
 
-// Gradients of a row norm's (normalized tensor, weight, bias) from those of
-// its (output, mean, rstd), each of which may be undefined: the backward op
-// for grad_output, plus the input's path through the statistics. LayerNorm
-// when center, else RMSNorm (no mean, bias or grad_mean). The Function's
-// tensor arguments are the input (and the residual when fused), then weight
-// and bias when given; a gradient autograd does not ask for (for the fused
-// ops: for neither addend), or of an absent parameter, is undefined.
-std::array<Tensor, 3> row_norm_grads(
-    AutogradContext* ctx,
-    bool center,
-    bool fused,
-    const Tensor& grad_output,
-    const Tensor& grad_mean,
-    const Tensor& grad_rstd) {
-  const auto saved = ctx->get_saved_variables();
-  const auto& normalized = saved[0];
-  const auto& weight = saved[1];
-  const auto& bias = saved[2];
-  const auto& mean = saved[3];
-  const auto& rstd = saved[4];
-  const auto normalized_shape = ctx->saved_data.at("normalized_shape").toSymIntVector();
-  const auto wanted = wanted_grads<4>(ctx, {true, fused, weight.defined(), bias.defined()});
-  const std::array<bool, 3> mask{wanted[0] || wanted[1], wanted[2], wanted[3]};
-  std::array<Tensor, 3> grads;
+// The grad_fn of a forward op's outputs (output, [sum], [mean], rstd). Its
+// next edges are (input, [residual], weight, bias): the fused ops' residual
+// gets the same gradient as their input; an absent parameter (and RMSNorm's
+// bias) has an invalid edge.
+struct NormForwardNode : Node {
+  std::string name() const override {
+    switch (kind) {
+      case NormKind::kLayerNorm: return fused ? "FusedAddLayerNormBackward" : "LayerNormBackward";
+      case NormKind::kRmsNorm: return fused ? "FusedAddRmsNormBackward" : "RmsNormBackward";
+      case NormKind::kBatchNorm: return "BatchNormBackward";
+    }
+    return "NormBackward";
+  }
+
+  void release_variables() override {
+    normalized_.reset_data();
+    weight_.reset_data();
+    bias_.reset_data();
+    mean_.reset_data();
+    rstd_.reset_data();
+  }
+
+  // grads: of the outputs with history, in order.
+  variable_list apply(variable_list&& grads) override;
+
+  NormKind kind = NormKind::kLayerNorm;
+  formulas::Norm norm;
+  bool fused = false;  // the normalized tensor is the returned sum
+  std::vector<c10::SymInt> normalized_shape;  // row norms
+  // Which output each incoming gradient is of (-1: none).
+  int sum_slot = -1, mean_slot = -1, rstd_slot = -1;
+  SavedVariable normalized_, weight_, bias_, mean_, rstd_;
+};
+
+variable_list NormForwardNode::apply(variable_list&& grads) {
+  const auto self = getptr();
+  const auto normalized = normalized_.unpack(fused ? self : nullptr);
+  const auto weight = weight_.unpack();
+  const auto bias = bias_.unpack();
+  const auto mean = mean_slot >= 0 ? mean_.unpack(self) : Tensor();
+  const auto rstd = rstd_.unpack(self);
+  const size_t addends = fused ? 2 : 1;
+  const bool want_normalized = should_compute_output(0) || (fused && should_compute_output(1));
+  const std::array<bool, 3> mask{
+      want_normalized, weight.defined() && should_compute_output(addends),
+      bias.defined() && should_compute_output(addends + 1)};
+
+  std::array<Tensor, 3> g;  // of (normalized, weight, bias)
+  const auto& grad_output = grads[0];
   if (grad_output.defined()) {
-    const bool record = records_grad(grad_output, normalized, mean, rstd, weight, bias);
-    if (center) {
-      std::tie(grads[0], grads[1], grads[2]) = call_op(
-          ops().layer_norm_backward, record, grad_output, normalized, normalized_shape, mean,
-          rstd, optional_if_defined(weight), optional_if_defined(bias), mask);
-    } else {
-      std::tie(grads[0], grads[1]) = call_op(
-          ops().rms_norm_backward, record, grad_output, normalized, normalized_shape, rstd,
-          optional_if_defined(weight), std::array<bool, 2>{mask[0], mask[1]});
+    const bool record = Recording(grad_output, normalized, mean, rstd, weight, bias).any();
+    switch (kind) {
+      case NormKind::kLayerNorm:
+        std::tie(g[0], g[1], g[2]) = call_op(
+            ops().layer_norm_backward, record, grad_output, normalized, normalized_shape, mean,
+            rstd, optional_if_defined(weight), optional_if_defined(bias), mask);
+        break;
+      case NormKind::kRmsNorm:
+        std::tie(g[0], g[1]) = call_op(
+            ops().rms_norm_backward, record, grad_output, normalized, normalized_shape, rstd,
+            optional_if_defined(weight), std::array<bool, 2>{mask[0], mask[1]});
+        break;
+      case NormKind::kBatchNorm:
+        std::tie(g[0], g[1], g[2]) = call_op(
+            ops().batch_norm_backward, record, grad_output, normalized,
+            optional_if_defined(weight), optional_if_defined(bias), mean, rstd,
+            norm.batch_stats, mask);
+        break;
     }
   }
-  keep_masked(grads, mask);
-  if (mask[0]) {
-    c10::SymInt cols = 1;
-    for (const auto& size : normalized_shape) cols = cols * size;
-    grads[0] = add_defined(
-        grads[0],
-        statistics_gradient(
-            normalized, mean, rstd, grad_mean, grad_rstd,
-            static_cast<int64_t>(normalized_shape.size()), cols));
+  keep_masked(g, mask);
+  if (mask[0] && norm.batch_stats) {
+    g[0] = add_defined(
+        g[0],
+        formulas::statistics_gradient(
+            norm, normalized, mean, rstd, mean_slot >= 0 ? grads[mean_slot] : Tensor(),
+            grads[rstd_slot]));
   }
-  return grads;
+  if (fused) g[0] = add_defined(g[0], grads[sum_slot]);
+  // The op's parameter gradients have the shape of the statistics' groups'
+  // parameters; a BatchNorm parameter may have any shape of C elements.
+  if (g[1].defined()) g[1] = g[1].view_as(weight);
+  if (g[2].defined()) g[2] = g[2].view_as(bias);
+
+  variable_list out;
+  out.push_back(should_compute_output(0) ? g[0] : Tensor());
+  if (fused) out.push_back(should_compute_output(1) ? g[0] : Tensor());
+  out.push_back(g[1]);
+  out.push_back(g[2]);
+  return out;
 }
 
-struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
-  static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& input,
-      c10::SymIntArrayRef normalized_shape,
-      const OptionalTensor& weight,
-      const OptionalTensor& bias,
-      double eps) {
-    auto [output, mean, rstd] = call_below_autograd(
-        ops().layer_norm_forward, input, normalized_shape, weight, bias, eps);
-    save_row_norm(ctx, input, normalized_shape, weight, bias, mean, rstd);
-    return {output, mean, rstd};
-  }
-
-  // grads: of (output, mean, rstd). Returns one per forward argument.
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto [grad_input, grad_weight, grad_bias] =
-        row_norm_grads(ctx, /*center=*/true, /*fused=*/false, grads[0], grads[1], grads[2]);
-    return {grad_input, Tensor(), grad_weight, grad_bias, Tensor()};
-  }
+// What a forward op call is: its kind, the normalized tensor (the input, or
+// the returned sum of the fused ops) and what it was called with and returned.
+struct ForwardCall {
+  NormKind kind;
+  formulas::Norm norm;
+  std::vector<Tensor> addends;  // input, [residual]
+  c10::SymIntArrayRef normalized_shape;
+  OptionalTensor weight, bias;
+  Tensor output, sum, mean, rstd;  // sum undefined unless fused, mean for RMSNorm
 };
 
-struct RmsNormFunction : torch::autograd::Function<RmsNormFunction> {
-  static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& input,
-      c10::SymIntArrayRef normalized_shape,
-      const OptionalTensor& weight,
-      double eps) {
-    auto [output, rstd] =
-        call_below_autograd(ops().rms_norm_forward, input, normalized_shape, weight, eps);
-    save_row_norm(ctx, input, normalized_shape, weight, std::nullopt, Tensor(), rstd);
-    return {output, rstd};
-  }
-
-  // grads: of (output, rstd).
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto grads_in =
-        row_norm_grads(ctx, /*center=*/false, /*fused=*/false, grads[0], Tensor(), grads[1]);
-    return {grads_in[0], Tensor(), grads_in[1], Tensor()};
-  }
-};
-
-// The fused ops normalize sum = input + residual: the row norm's gradient of
-// sum, plus any that comes back through the returned sum, goes to both
-// addends.
-struct FusedAddLayerNormFunction : torch::autograd::Function<FusedAddLayerNormFunction> {
-  static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& input,
-      const Tensor& residual,
-      c10::SymIntArrayRef normalized_shape,
-      const OptionalTensor& weight,
-      const OptionalTensor& bias,
-      double eps) {
-    auto [output, sum, mean, rstd] = call_below_autograd(
-        ops().fused_add_layer_norm_forward, input, residual, normalized_shape, weight, bias, eps);
-    save_row_norm(ctx, sum, normalized_shape, weight, bias, mean, rstd);
-    return {output, sum, mean, rstd};
-  }
-
-  // grads: of (output, sum, mean, rstd).
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto [grad_from_norm, grad_weight, grad_bias] =
-        row_norm_grads(ctx, /*center=*/true, /*fused=*/true, grads[0], grads[2], grads[3]);
-    const auto grad_sum = add_defined(grad_from_norm, grads[1]);
-    return {ctx->needs_input_grad(0) ? grad_sum : Tensor(),
-            ctx->needs_input_grad(1) ? grad_sum : Tensor(), Tensor(), grad_weight, grad_bias,
-            Tensor()};
-  }
-};
-
-struct FusedAddRmsNormFunction : torch::autograd::Function<FusedAddRmsNormFunction> {
-  static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& input,
-      const Tensor& residual,
-      c10::SymIntArrayRef normalized_shape,
-      const OptionalTensor& weight,
-      double eps) {
-    auto [output, sum, rstd] = call_below_autograd(
-        ops().fused_add_rms_norm_forward, input, residual, normalized_shape, weight, eps);
-    save_row_norm(ctx, sum, normalized_shape, weight, std::nullopt, Tensor(), rstd);
-    return {output, sum, rstd};
-  }
-
-  // grads: of (output, sum, rstd).
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto grads_in =
-        row_norm_grads(ctx, /*center=*/false, /*fused=*/true, grads[0], Tensor(), grads[2]);
-    const auto grad_sum = add_defined(grads_in[0], grads[1]);
-    return {ctx->needs_input_grad(0) ? grad_sum : Tensor(),
-            ctx->needs_input_grad(1) ? grad_sum : Tensor(), Tensor(), grads_in[1], Tensor()};
-  }
-};
-
-// ---- BatchNorm --------------------------------------------------------------
-
-struct BatchNormFunction : torch::autograd::Function<BatchNormFunction> {
-  static variable_list forward(
-      AutogradContext* ctx,
-      const Tensor& input,
-      const OptionalTensor& weight,
-      const OptionalTensor& bias,
-      const OptionalTensor& running_mean,
-      const OptionalTensor& running_var,
-      bool training,
-      double momentum,
-      double eps) {
-    auto [output, save_mean, save_rstd, new_running_mean, new_running_var] = call_below_autograd(
-        ops().batch_norm_forward, input, weight, bias, running_mean, running_var, training,
-        momentum, eps);
-    ctx->save_for_backward(
-        {input, weight.value_or(Tensor()), bias.value_or(Tensor()), save_mean, save_rstd});
-    ctx->saved_data["training"] = training;
-    // The running statistics are state that the wrapper copies into the
-    // buffers, not something to differentiate (nor are torch's).
-    ctx->mark_non_differentiable({new_running_mean, new_running_var});
-    ctx->set_materialize_grads(false);
-    return {output, save_mean, save_rstd, new_running_mean, new_running_var};
-  }
-
-  // grads: of (output, save_mean, save_rstd; the running statistics get none).
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const auto& input = saved[0];
-    const auto& weight = saved[1];
-    const auto& bias = saved[2];
-    const auto& save_mean = saved[3];
-    const auto& save_rstd = saved[4];
-    const bool training = ctx->saved_data.at("training").toBool();
-    // The running statistics, the other tensor arguments, come after these.
-    const auto mask = wanted_grads<3>(ctx, {true, weight.defined(), bias.defined()});
-    std::array<Tensor, 3> g;
-    if (grads[0].defined()) {
-      const bool record = records_grad(grads[0], input, weight, bias, save_mean, save_rstd);
-      std::tie(g[0], g[1], g[2]) = call_op(
-          ops().batch_norm_backward, record, grads[0], input, optional_if_defined(weight),
-          optional_if_defined(bias), save_mean, save_rstd, training, mask);
+void record_forward(const ForwardCall& call, const Recording& recording) {
+  const bool fused = call.addends.size() == 2;
+  const auto& input = call.addends[0];
+  NormForwardNode* node = nullptr;
+  if (recording.reverse) {
+    auto owner = make_node<NormForwardNode>();
+    node = static_cast<NormForwardNode*>(owner.get());
+    node->kind = call.kind;
+    node->norm = call.norm;
+    node->fused = fused;
+    node->normalized_shape = call.normalized_shape.vec();
+    const Tensor residual = fused ? call.addends[1] : Tensor();
+    node->set_next_edges(
+        fused ? torch::autograd::collect_next_edges(input, residual, call.weight, call.bias)
+              : torch::autograd::collect_next_edges(input, call.weight, call.bias));
+    std::vector<Tensor> with_history{call.output};
+    if (fused) {
+      node->sum_slot = static_cast<int>(with_history.size());
+      with_history.push_back(call.sum);
     }
-    keep_masked(g, mask);
-    // In training the returned batch statistics depend on the input (in eval
-    // they are the running statistics).
-    if (mask[0] && training) {
-      c10::SymInt count = 1;
-      for (int64_t d = 0; d < input.dim(); ++d) {
-        if (d != 1) count = count * input.sym_size(d);
-      }
-      g[0] = add_defined(
-          g[0],
-          statistics_gradient(
-              input, save_mean, save_rstd, grads[1], grads[2], input.dim() - 2, count));
+    if (call.mean.defined()) {
+      node->mean_slot = static_cast<int>(with_history.size());
+      with_history.push_back(call.mean);
     }
-    // The op's parameter gradients have shape [C]; a parameter may have any
-    // shape of C elements (torch checks the count only).
-    return {g[0], g[1].defined() ? g[1].view_as(weight) : Tensor(),
-            g[2].defined() ? g[2].view_as(bias) : Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(), Tensor()};
+    node->rstd_slot = static_cast<int>(with_history.size());
+    with_history.push_back(call.rstd);
+    torch::autograd::set_history(with_history, owner);
   }
-};
+  if (recording.forward) {
+    // The fused ops normalize sum = input + residual: d sum = d input + d residual.
+    const auto d_normalized =
+        fused ? add_defined(tangent_of(input), tangent_of(call.addends[1])) : tangent_of(input);
+    const auto tangents = formulas::forward_tangents(
+        call.norm, fused ? call.sum : primal_of(input), call.mean, call.rstd,
+        primal_of(call.weight), d_normalized, tangent_of(call.weight), tangent_of(call.bias),
+        call.output.scalar_type());
+    set_tangent(call.output, tangents.output);
+    if (fused && d_normalized.defined()) {
+      set_tangent(call.sum, d_normalized.to(call.sum.scalar_type()));
+    }
+    if (call.mean.defined()) set_tangent(call.mean, tangents.mean);
+    set_tangent(call.rstd, tangents.rstd);
+  }
+  if (node != nullptr) {
+    // Saved after the outputs got their tangents, which a saved variable
+    // keeps (forward over reverse); outputs are saved as outputs (no
+    // reference cycle through their grad_fn).
+    node->normalized_ = SavedVariable(fused ? call.sum : input, /*is_output=*/fused);
+    node->weight_ = SavedVariable(call.weight, false);
+    node->bias_ = SavedVariable(call.bias, false);
+    if (call.mean.defined()) node->mean_ = SavedVariable(call.mean, true);
+    node->rstd_ = SavedVariable(call.rstd, true);
+  }
+}
 
-// ---- The Autograd kernels ----------------------------------------------------
+formulas::Norm row_norm(bool center, int64_t dim, c10::SymIntArrayRef normalized_shape) {
+  return {formulas::Groups::rows(dim, static_cast<int64_t>(normalized_shape.size())), center,
+          /*batch_stats=*/true};
+}
 
 Tensors3 layer_norm_forward_autograd(
     const Tensor& input,
@@ -432,11 +366,17 @@ Tensors3 layer_norm_forward_autograd(
     const OptionalTensor& weight,
     const OptionalTensor& bias,
     double eps) {
-  if (!records_grad(input, weight, bias)) {
-    return call_below_autograd(
-        ops().layer_norm_forward, input, normalized_shape, weight, bias, eps);
+  const Recording recording(input, weight, bias);
+  auto outputs =
+      call_below_autograd(ops().layer_norm_forward, input, normalized_shape, weight, bias, eps);
+  if (recording.any()) {
+    const auto& [output, mean, rstd] = outputs;
+    record_forward(
+        {NormKind::kLayerNorm, row_norm(true, input.dim(), normalized_shape), {input},
+         normalized_shape, weight, bias, output, Tensor(), mean, rstd},
+        recording);
   }
-  return as_tuple<3>(LayerNormFunction::apply(input, normalized_shape, weight, bias, eps));
+  return outputs;
 }
 
 Tensors2 rms_norm_forward_autograd(
@@ -444,10 +384,16 @@ Tensors2 rms_norm_forward_autograd(
     c10::SymIntArrayRef normalized_shape,
     const OptionalTensor& weight,
     double eps) {
-  if (!records_grad(input, weight)) {
-    return call_below_autograd(ops().rms_norm_forward, input, normalized_shape, weight, eps);
+  const Recording recording(input, weight);
+  auto outputs = call_below_autograd(ops().rms_norm_forward, input, normalized_shape, weight, eps);
+  if (recording.any()) {
+    const auto& [output, rstd] = outputs;
+    record_forward(
+        {NormKind::kRmsNorm, row_norm(false, input.dim(), normalized_shape), {input},
+         normalized_shape, weight, std::nullopt, output, Tensor(), Tensor(), rstd},
+        recording);
   }
-  return as_tuple<2>(RmsNormFunction::apply(input, normalized_shape, weight, eps));
+  return outputs;
 }
 
 Tensors4 fused_add_layer_norm_forward_autograd(
@@ -457,12 +403,17 @@ Tensors4 fused_add_layer_norm_forward_autograd(
     const OptionalTensor& weight,
     const OptionalTensor& bias,
     double eps) {
-  if (!records_grad(input, residual, weight, bias)) {
-    return call_below_autograd(
-        ops().fused_add_layer_norm_forward, input, residual, normalized_shape, weight, bias, eps);
+  const Recording recording(input, residual, weight, bias);
+  auto outputs = call_below_autograd(
+      ops().fused_add_layer_norm_forward, input, residual, normalized_shape, weight, bias, eps);
+  if (recording.any()) {
+    const auto& [output, sum, mean, rstd] = outputs;
+    record_forward(
+        {NormKind::kLayerNorm, row_norm(true, input.dim(), normalized_shape), {input, residual},
+         normalized_shape, weight, bias, output, sum, mean, rstd},
+        recording);
   }
-  return as_tuple<4>(
-      FusedAddLayerNormFunction::apply(input, residual, normalized_shape, weight, bias, eps));
+  return outputs;
 }
 
 Tensors3 fused_add_rms_norm_forward_autograd(
@@ -471,14 +422,22 @@ Tensors3 fused_add_rms_norm_forward_autograd(
     c10::SymIntArrayRef normalized_shape,
     const OptionalTensor& weight,
     double eps) {
-  if (!records_grad(input, residual, weight)) {
-    return call_below_autograd(
-        ops().fused_add_rms_norm_forward, input, residual, normalized_shape, weight, eps);
+  const Recording recording(input, residual, weight);
+  auto outputs = call_below_autograd(
+      ops().fused_add_rms_norm_forward, input, residual, normalized_shape, weight, eps);
+  if (recording.any()) {
+    const auto& [output, sum, rstd] = outputs;
+    record_forward(
+        {NormKind::kRmsNorm, row_norm(false, input.dim(), normalized_shape), {input, residual},
+         normalized_shape, weight, std::nullopt, output, sum, Tensor(), rstd},
+        recording);
   }
-  return as_tuple<3>(
-      FusedAddRmsNormFunction::apply(input, residual, normalized_shape, weight, eps));
+  return outputs;
 }
 
+// The running statistics are state that the wrapper copies into the buffers,
+// not something to differentiate (nor are torch's): they get no history and
+// no tangent.
 Tensors5 batch_norm_forward_autograd(
     const Tensor& input,
     const OptionalTensor& weight,
@@ -488,24 +447,200 @@ Tensors5 batch_norm_forward_autograd(
     bool training,
     double momentum,
     double eps) {
-  if (!records_grad(input, weight, bias, running_mean, running_var)) {
-    return call_below_autograd(
-        ops().batch_norm_forward, input, weight, bias, running_mean, running_var, training,
-        momentum, eps);
+  const Recording recording(input, weight, bias);
+  auto outputs = call_below_autograd(
+      ops().batch_norm_forward, input, weight, bias, running_mean, running_var, training,
+      momentum, eps);
+  if (recording.any()) {
+    const auto& [output, save_mean, save_rstd, new_running_mean, new_running_var] = outputs;
+    record_forward(
+        {NormKind::kBatchNorm,
+         {formulas::Groups::channels(input.dim()), /*center=*/true, /*batch_stats=*/training},
+         {input}, {}, weight, bias, output, Tensor(), save_mean, save_rstd},
+        recording);
   }
-  return as_tuple<5>(BatchNormFunction::apply(
-      input, weight, bias, running_mean, running_var, training, momentum, eps));
+  return outputs;
+}
+
+// ---- Backward ops (double backward) ------------------------------------------
+
+// The grad_fn of a backward op's outputs (grad_input, grad_weight,
+// [grad_bias]). `slots` maps the formula's gradients (grad_output, input,
+// mean, rstd, weight) to the op's tensor arguments, its next edges (-1: not
+// an argument, RMSNorm's mean); the bias argument only gives grad_bias its
+// dtype and gets no gradient.
+struct NormBackwardNode : Node {
+  std::string name() const override { return name_; }
+
+  void release_variables() override {
+    grad_output_.reset_data();
+    input_.reset_data();
+    mean_.reset_data();
+    rstd_.reset_data();
+    weight_.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    const formulas::BackwardInputs saved{
+        grad_output_.unpack(), input_.unpack(), mean_.unpack(), rstd_.unpack(), weight_.unpack()};
+    const auto wanted = [&](size_t i) {
+      return i < grads.size() && output_mask[i] ? grads[i] : Tensor();
+    };
+    const auto gradients =
+        formulas::backward_gradients(norm, saved, wanted(0), wanted(1), wanted(2));
+    variable_list out(num_outputs());
+    for (size_t i = 0; i < slots.size(); ++i) {
+      if (slots[i] >= 0 && should_compute_output(slots[i])) out[slots[i]] = gradients[i];
+    }
+    return out;
+  }
+
+  std::string name_;
+  formulas::Norm norm;
+  std::array<bool, 3> output_mask{};
+  std::array<int, 5> slots{};
+  SavedVariable grad_output_, input_, mean_, rstd_, weight_;
+};
+
+// What a backward op call is: its arguments in the formula's terms, the
+// bias (grad_bias's dtype), the edges of its tensor arguments and its outputs.
+struct BackwardCall {
+  std::string name;
+  formulas::Norm norm;
+  formulas::BackwardInputs args;
+  OptionalTensor bias;
+  torch::autograd::edge_list edges;
+  std::array<int, 5> slots;
+  std::array<bool, 3> output_mask;
+  std::vector<Tensor> outputs;
+};
+
+void record_backward(BackwardCall call, const Recording& recording) {
+  const auto& a = call.args;
+  if (recording.reverse) {
+    auto node = make_node<NormBackwardNode>();
+    auto* n = static_cast<NormBackwardNode*>(node.get());
+    n->name_ = std::move(call.name);
+    n->norm = call.norm;
+    n->output_mask = call.output_mask;
+    n->slots = call.slots;
+    n->set_next_edges(std::move(call.edges));
+    torch::autograd::set_history(call.outputs, node);
+    n->grad_output_ = SavedVariable(a.grad_output, false);
+    n->input_ = SavedVariable(a.input, false);
+    n->mean_ = SavedVariable(a.mean, false);
+    n->rstd_ = SavedVariable(a.rstd, false);
+    n->weight_ = SavedVariable(a.weight, false);
+  }
+  if (recording.forward) {
+    const formulas::BackwardInputs primals{
+        primal_of(a.grad_output), primal_of(a.input), primal_of(a.mean), primal_of(a.rstd),
+        primal_of(a.weight)};
+    const formulas::BackwardInputs tangents{
+        tangent_of(a.grad_output), tangent_of(a.input), tangent_of(a.mean), tangent_of(a.rstd),
+        tangent_of(a.weight)};
+    const auto out = formulas::backward_tangents(
+        call.norm, primals, call.bias.value_or(Tensor()), tangents, call.output_mask);
+    for (size_t i = 0; i < call.outputs.size(); ++i) set_tangent(call.outputs[i], out[i]);
+  }
+}
+
+Tensors3 layer_norm_backward_autograd(
+    const Tensor& grad_output,
+    const Tensor& input,
+    c10::SymIntArrayRef normalized_shape,
+    const Tensor& mean,
+    const Tensor& rstd,
+    const OptionalTensor& weight,
+    const OptionalTensor& bias,
+    std::array<bool, 3> output_mask) {
+  const Recording recording(grad_output, input, mean, rstd, weight, bias);
+  auto outputs = call_below_autograd(
+      ops().layer_norm_backward, grad_output, input, normalized_shape, mean, rstd, weight, bias,
+      output_mask);
+  if (recording.any()) {
+    const auto& [grad_input, grad_weight, grad_bias] = outputs;
+    record_backward(
+        {"LayerNormBackwardBackward",
+         row_norm(true, input.dim(), normalized_shape),
+         {grad_output, input, mean, rstd, weight.value_or(Tensor())},
+         bias,
+         torch::autograd::collect_next_edges(grad_output, input, mean, rstd, weight, bias),
+         {0, 1, 2, 3, 4},
+         output_mask,
+         {grad_input, grad_weight, grad_bias}},
+        recording);
+  }
+  return outputs;
+}
+
+Tensors2 rms_norm_backward_autograd(
+    const Tensor& grad_output,
+    const Tensor& input,
+    c10::SymIntArrayRef normalized_shape,
+    const Tensor& rstd,
+    const OptionalTensor& weight,
+    std::array<bool, 2> output_mask) {
+  const Recording recording(grad_output, input, rstd, weight);
+  auto outputs = call_below_autograd(
+      ops().rms_norm_backward, grad_output, input, normalized_shape, rstd, weight, output_mask);
+  if (recording.any()) {
+    const auto& [grad_input, grad_weight] = outputs;
+    record_backward(
+        {"RmsNormBackwardBackward",
+         row_norm(false, input.dim(), normalized_shape),
+         {grad_output, input, Tensor(), rstd, weight.value_or(Tensor())},
+         std::nullopt,
+         torch::autograd::collect_next_edges(grad_output, input, rstd, weight),
+         {0, 1, -1, 2, 3},
+         {output_mask[0], output_mask[1], false},
+         {grad_input, grad_weight}},
+        recording);
+  }
+  return outputs;
+}
+
+Tensors3 batch_norm_backward_autograd(
+    const Tensor& grad_output,
+    const Tensor& input,
+    const OptionalTensor& weight,
+    const OptionalTensor& bias,
+    const Tensor& save_mean,
+    const Tensor& save_rstd,
+    bool training,
+    std::array<bool, 3> output_mask) {
+  const Recording recording(grad_output, input, weight, bias, save_mean, save_rstd);
+  auto outputs = call_below_autograd(
+      ops().batch_norm_backward, grad_output, input, weight, bias, save_mean, save_rstd, training,
+      output_mask);
+  if (recording.any()) {
+    const auto& [grad_input, grad_weight, grad_bias] = outputs;
+    record_backward(
+        {"BatchNormBackwardBackward",
+         {formulas::Groups::channels(input.dim()), /*center=*/true, /*batch_stats=*/training},
+         {grad_output, input, save_mean, save_rstd, weight.value_or(Tensor())},
+         bias,
+         torch::autograd::collect_next_edges(
+             grad_output, input, weight, bias, save_mean, save_rstd),
+         {0, 1, 4, 5, 2},
+         output_mask,
+         {grad_input, grad_weight, grad_bias}},
+        recording);
+  }
+  return outputs;
 }
 
 }  // namespace
 
-// The backward ops are not registered here: their autograd is Python's.
 TORCH_LIBRARY_IMPL(layernorm_ext, Autograd, m) {
   m.impl("layer_norm_forward", &layer_norm_forward_autograd);
   m.impl("rms_norm_forward", &rms_norm_forward_autograd);
   m.impl("fused_add_layer_norm_forward", &fused_add_layer_norm_forward_autograd);
   m.impl("fused_add_rms_norm_forward", &fused_add_rms_norm_forward_autograd);
   m.impl("batch_norm_forward", &batch_norm_forward_autograd);
+  m.impl("layer_norm_backward", &layer_norm_backward_autograd);
+  m.impl("rms_norm_backward", &rms_norm_backward_autograd);
+  m.impl("batch_norm_backward", &batch_norm_backward_autograd);
 }
 
 }  // namespace layernorm_ext

@@ -17,6 +17,7 @@ from .fused_add import fused_add_layer_norm, fused_add_rms_norm  # noqa: E402
 from .layer_norm import LayerNorm, layer_norm  # noqa: E402
 from .rms_norm import RMSNorm, rms_norm  # noqa: E402
 from .sync_batch_norm import SyncBatchNorm  # noqa: E402
+from . import _vmap  # noqa: E402,F401  (the ops' batching rules)
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,8 @@
 """BatchNorm: ``batch_norm`` (as torch.nn.functional.batch_norm) and
 ``BatchNorm1d`` / ``BatchNorm2d`` / ``BatchNorm3d`` (drop-ins for torch.nn's),
 with the fake kernels of the ``layernorm_ext::batch_norm_forward`` /
-``batch_norm_backward`` ops and the autograd formula of the backward op
-(double backward); the forward op's autograd is C++ (csrc/autograd.cpp).
+``batch_norm_backward`` ops. Both ops' autograd (reverse and forward mode,
+any order) is C++ (csrc/autograd.cpp); their vmap rules are in _vmap.py.
 
 The ops never mutate: ``batch_norm_forward`` returns the updated running
 statistics and :func:`batch_norm` copies them into the buffers, after every
@@ -12,7 +12,6 @@ check has passed, so a call that raises leaves the buffers as they were.
 import torch
 
 from ._eager import direct_calls
-from ._row_norm_autograd import backward_of_backward_2d
 from ._shapes import empty_unless, stats_dtype
 
 _ops = torch.ops.layernorm_ext
@@ -174,79 +173,3 @@ def _batch_norm_backward_fake(
         empty_unless(output_mask[1] and weight is not None, weight_like, (channels,)),
         empty_unless(output_mask[2] and bias is not None, bias_like, (channels,)),
     )
-
-
-def _channel_rows(t):
-    """(N, C, *) -> (C, N * prod(*)): one row per channel, the elements it normalizes."""
-    return t.transpose(0, 1).reshape(t.shape[1], -1)
-
-
-def _from_channel_rows(rows, like):
-    return rows.reshape(like.transpose(0, 1).shape).transpose(0, 1)
-
-
-def _column(t):
-    return None if t is None else t.reshape(-1, 1)
-
-
-def _backward_setup_context(ctx, inputs, output):
-    grad_output, input, weight, _, save_mean, save_rstd, training, output_mask = inputs
-    ctx.save_for_backward(grad_output, input, weight, save_mean, save_rstd)
-    ctx.training = training
-    ctx.output_mask = output_mask
-    ctx.set_materialize_grads(False)
-
-
-def _eval_backward_of_backward(go, x, mean, rstd, weight, gx, gw, gb):
-    """The derivative of the eval backward (grad_input = go * w * rstd with
-    constant statistics), in channel rows, partial in the statistics: None."""
-    acc = rstd.dtype
-    go, x = go.to(acc), x.to(acc)
-    xhat = (x - mean) * rstd
-    scale = rstd * weight.to(acc) if weight is not None else rstd
-    d_go = gx.to(acc) * scale if gx is not None else torch.zeros_like(go)
-    d_x = torch.zeros_like(x)
-    if gw is not None:
-        d_go = d_go + gw.to(acc) * xhat
-        d_x = d_x + gw.to(acc) * go * rstd
-    if gb is not None:
-        d_go = d_go + gb.to(acc)
-    d_weight = (gx.to(acc) * go * rstd).sum(1, keepdim=True) if gx is not None and weight is not None else None
-    return d_go, d_x, None, None, d_weight
-
-
-def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
-    grad_output, input, weight, save_mean, save_rstd = ctx.saved_tensors
-    gx, gw, gb = (
-        g if wanted else None
-        for g, wanted in zip((grad_grad_input, grad_grad_weight, grad_grad_bias), ctx.output_mask)
-    )
-    rows = (
-        _channel_rows(grad_output),
-        _channel_rows(input),
-        _column(save_mean),
-        _column(save_rstd),
-        _column(weight),
-        None if gx is None else _channel_rows(gx),
-        _column(gw),
-        _column(gb),
-    )
-    if ctx.training:
-        d_go, d_x, d_mean, d_rstd, d_weight = backward_of_backward_2d(True, *rows, param_dim=1)
-    else:
-        d_go, d_x, d_mean, d_rstd, d_weight = _eval_backward_of_backward(*rows)
-    return (
-        _from_channel_rows(d_go, grad_output).to(grad_output.dtype),
-        _from_channel_rows(d_x, input).to(input.dtype),
-        d_weight.reshape(weight.shape).to(weight.dtype) if d_weight is not None else None,
-        None,
-        d_mean.reshape(save_mean.shape) if d_mean is not None else None,
-        d_rstd.reshape(save_rstd.shape) if d_rstd is not None else None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "layernorm_ext::batch_norm_backward", _backward_backward, setup_context=_backward_setup_context
-)

@@ -1,16 +1,13 @@
 """LayerNorm: ``layer_norm`` (as torch.nn.functional.layer_norm) and ``LayerNorm``
 (a drop-in torch.nn.LayerNorm), with the fake kernels of the
-``layernorm_ext::layer_norm_forward`` / ``layer_norm_backward`` ops and the
-autograd formula of the backward op (double backward); the forward op's
-autograd is C++ (csrc/autograd.cpp).
+``layernorm_ext::layer_norm_forward`` / ``layer_norm_backward`` ops. Both
+ops' autograd (reverse and forward mode, any order) is C++
+(csrc/autograd.cpp); their vmap rules are in _vmap.py.
 """
-
-import math
 
 import torch
 
 from ._eager import direct_calls
-from ._row_norm_autograd import backward_of_backward
 from ._shapes import (
     as_normalized_shape,
     batch_shape,
@@ -74,28 +71,3 @@ def _layer_norm_backward_fake(
         empty_unless(output_mask[1] and weight is not None, weight_like, normalized_shape),
         empty_unless(output_mask[2] and bias is not None, bias_like, normalized_shape),
     )
-
-
-def _backward_setup_context(ctx, inputs, output):
-    grad_output, input, normalized_shape, mean, rstd, weight, _, output_mask = inputs
-    ctx.save_for_backward(grad_output, input, mean, rstd, weight)
-    ctx.cols = math.prod(normalized_shape)
-    ctx.output_mask = output_mask
-    ctx.set_materialize_grads(False)
-
-
-def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
-    grad_output, input, mean, rstd, weight = ctx.saved_tensors
-    incoming = [
-        g if wanted else None
-        for g, wanted in zip((grad_grad_input, grad_grad_weight, grad_grad_bias), ctx.output_mask)
-    ]
-    d_grad_output, d_input, d_mean, d_rstd, d_weight = backward_of_backward(
-        True, grad_output, input, mean, rstd, weight, *incoming, ctx.cols
-    )
-    return d_grad_output, d_input, None, d_mean, d_rstd, d_weight, None, None
-
-
-torch.library.register_autograd(
-    "layernorm_ext::layer_norm_backward", _backward_backward, setup_context=_backward_setup_context
-)

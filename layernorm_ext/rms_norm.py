@@ -1,16 +1,13 @@
 """RMSNorm: ``rms_norm`` (as torch.nn.functional.rms_norm) and ``RMSNorm`` (a
 drop-in torch.nn.RMSNorm), with the fake kernels of the
-``layernorm_ext::rms_norm_forward`` / ``rms_norm_backward`` ops and the
-autograd formula of the backward op (double backward); the forward op's
-autograd is C++ (csrc/autograd.cpp).
+``layernorm_ext::rms_norm_forward`` / ``rms_norm_backward`` ops. Both ops'
+autograd (reverse and forward mode, any order) is C++ (csrc/autograd.cpp);
+their vmap rules are in _vmap.py.
 """
-
-import math
 
 import torch
 
 from ._eager import direct_calls
-from ._row_norm_autograd import backward_of_backward
 from ._shapes import (
     as_normalized_shape,
     batch_shape,
@@ -77,28 +74,3 @@ def _rms_norm_backward_fake(grad_output, input, normalized_shape, rstd, weight, 
         empty_unless(output_mask[0], input, input.shape),
         empty_unless(output_mask[1] and weight is not None, weight_like, normalized_shape),
     )
-
-
-def _backward_setup_context(ctx, inputs, output):
-    grad_output, input, normalized_shape, rstd, weight, output_mask = inputs
-    ctx.save_for_backward(grad_output, input, rstd, weight)
-    ctx.cols = math.prod(normalized_shape)
-    ctx.output_mask = output_mask
-    ctx.set_materialize_grads(False)
-
-
-def _backward_backward(ctx, grad_grad_input, grad_grad_weight):
-    grad_output, input, rstd, weight = ctx.saved_tensors
-    incoming = [
-        g if wanted else None
-        for g, wanted in zip((grad_grad_input, grad_grad_weight), ctx.output_mask)
-    ]
-    d_grad_output, d_input, _, d_rstd, d_weight = backward_of_backward(
-        False, grad_output, input, None, rstd, weight, *incoming, None, ctx.cols
-    )
-    return d_grad_output, d_input, None, d_rstd, d_weight, None
-
-
-torch.library.register_autograd(
-    "layernorm_ext::rms_norm_backward", _backward_backward, setup_context=_backward_setup_context
-)

@@ -1,0 +1,274 @@
+"""Forward-mode AD and torch.func transforms (grad, vjp, jvp, jacrev, jacfwd,
+hessian, vmap, per-sample gradients) through every op, against torch's own
+functions on the same float64 data.
+
+Each case names one of our functions and the torch composition it must equal;
+`CASES` is the sample_inputs of this file: every op, with and without affine
+parameters, BatchNorm in training and eval.
+"""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
+
+import layernorm_ext
+from samples import make_input
+
+
+@dataclasses.dataclass
+class Case:
+    """fn(*tensors) with ours, ref(*tensors) with torch; `tensors` to make fresh."""
+
+    name: str
+    ours: object
+    ref: object
+    shapes: tuple  # of the tensor arguments, in order
+
+    def __repr__(self):
+        return self.name
+
+    def tensors(self, dtype=torch.float64):
+        return tuple(make_input(shape, dtype) for shape in self.shapes)
+
+
+def _fused_ref(norm):
+    def ref(x, r, *params):
+        s = x + r
+        return norm(s, *params), s
+
+    return ref
+
+
+def _bn_eval(fn, mean, var):
+    return lambda x, w, b: fn(x, mean, var.abs() + 0.5, w, b, False, 0.1, 1e-5)
+
+
+_RUNNING_MEAN = torch.randn(3, dtype=torch.float64)
+_RUNNING_VAR = torch.rand(3, dtype=torch.float64)
+
+CASES = [
+    Case("layer_norm", lambda x, w, b: layernorm_ext.layer_norm(x, (5,), w, b),
+         lambda x, w, b: F.layer_norm(x, (5,), w, b), ((3, 5), (5,), (5,))),
+    Case("layer_norm_2d_no_affine", lambda x: layernorm_ext.layer_norm(x, (2, 3)),
+         lambda x: F.layer_norm(x, (2, 3)), ((2, 2, 3),)),
+    Case("layer_norm_weight_only", lambda x, w: layernorm_ext.layer_norm(x, (4,), w),
+         lambda x, w: F.layer_norm(x, (4,), w), ((3, 4), (4,))),
+    Case("rms_norm", lambda x, w: layernorm_ext.rms_norm(x, (5,), w, 1e-6),
+         lambda x, w: F.rms_norm(x, (5,), w, 1e-6), ((3, 5), (5,))),
+    Case("rms_norm_no_weight", lambda x: layernorm_ext.rms_norm(x, (2, 3)),
+         lambda x: F.rms_norm(x, (2, 3)), ((2, 2, 3),)),
+    Case("fused_add_layer_norm",
+         lambda x, r, w, b: layernorm_ext.fused_add_layer_norm(x, r, (5,), w, b),
+         _fused_ref(lambda s, w, b: F.layer_norm(s, (5,), w, b)), ((3, 5), (3, 5), (5,), (5,))),
+    Case("fused_add_rms_norm",
+         lambda x, r, w: layernorm_ext.fused_add_rms_norm(x, r, (5,), w),
+         _fused_ref(lambda s, w: F.rms_norm(s, (5,), w)), ((3, 5), (3, 5), (5,))),
+    Case("batch_norm_train",
+         lambda x, w, b: layernorm_ext.batch_norm(x, None, None, w, b, True),
+         lambda x, w, b: F.batch_norm(x, None, None, w, b, True), ((4, 3, 2), (3,), (3,))),
+    Case("batch_norm_train_no_affine_2d",
+         lambda x: layernorm_ext.batch_norm(x, None, None, training=True),
+         lambda x: F.batch_norm(x, None, None, training=True), ((5, 3),)),
+    Case("batch_norm_eval",
+         _bn_eval(layernorm_ext.batch_norm, _RUNNING_MEAN, _RUNNING_VAR),
+         _bn_eval(F.batch_norm, _RUNNING_MEAN, _RUNNING_VAR), ((4, 3, 2), (3,), (3,))),
+]
+
+
+@pytest.fixture(autouse=True)
+def _no_vmap_fallback():
+    """Every op has a batching rule: vmap's slow per-sample fallback (which
+    would also give right answers) raises instead."""
+    torch._C._functorch._set_vmap_fallback_enabled(False)
+    yield
+    torch._C._functorch._set_vmap_fallback_enabled(True)
+
+
+def _flat(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _assert_close(mine, theirs):
+    mine, theirs = _flat(mine), _flat(theirs)
+    assert len(mine) == len(theirs)
+    for a, b in zip(mine, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+# ---- forward-mode AD ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["plain", "requires_grad"])
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_forward_ad_matches_torch(case, requires_grad):
+    """Dual tensors carry the tangent through, whether or not the primals also
+    require grad (without a forward formula the tangent is dropped silently in
+    the first case and the call raises in the second)."""
+    primals = [t.requires_grad_(requires_grad) for t in case.tensors()]
+    tangents = case.tensors()
+    results = []
+    for fn in (case.ours, case.ref):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(p, t) for p, t in zip(primals, tangents)]
+            outputs = _flat(fn(*duals))
+            results.append([fwAD.unpack_dual(o) for o in outputs])
+    for mine, theirs in zip(*results):
+        torch.testing.assert_close(mine.primal, theirs.primal, rtol=1e-9, atol=1e-10)
+        assert mine.tangent is not None
+        torch.testing.assert_close(mine.tangent, theirs.tangent, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_forward_ad_with_a_tangent_on_one_argument(case):
+    """A tangent on the last argument only (the bias, the weight, or the input)."""
+    primals = case.tensors()
+    tangent = make_input(case.shapes[-1], torch.float64)
+
+    def tangents_of(fn):
+        with fwAD.dual_level():
+            args = list(primals)
+            args[-1] = fwAD.make_dual(primals[-1], tangent)
+            return [fwAD.unpack_dual(o).tangent for o in _flat(fn(*args))]
+
+    for mine, theirs in zip(tangents_of(case.ours), tangents_of(case.ref)):
+        torch.testing.assert_close(mine, theirs, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_func_jvp_and_jacfwd_match_torch(case):
+    primals = case.tensors()
+    tangents = case.tensors()
+    _assert_close(jvp(case.ours, primals, tangents)[1], jvp(case.ref, primals, tangents)[1])
+    argnums = tuple(range(len(primals)))
+    _assert_close(
+        tuple(torch.cat([j.flatten() for j in _flat(jac)]) for jac in _flat(jacfwd(case.ours, argnums)(*primals))),
+        tuple(torch.cat([j.flatten() for j in _flat(jac)]) for jac in _flat(jacfwd(case.ref, argnums)(*primals))),
+    )
+
+
+# ---- reverse mode under torch.func ------------------------------------------
+
+
+def _scalar(fn):
+    """A scalar function of fn's outputs that depends on all of them unevenly."""
+
+    def loss(*args):
+        total = 0
+        for i, out in enumerate(_flat(fn(*args))):
+            total = total + (out * torch.arange(out.numel(), dtype=out.dtype).view(out.shape).sin()).sum() * (i + 1)
+        return total
+
+    return loss
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_func_grad_and_vjp_match_torch(case):
+    args = case.tensors()
+    argnums = tuple(range(len(args)))
+    _assert_close(grad(_scalar(case.ours), argnums)(*args), grad(_scalar(case.ref), argnums)(*args))
+    cotangents = tuple(make_input(o.shape, torch.float64) for o in _flat(case.ref(*args)))
+    _, vjp_ours = vjp(case.ours, *args)
+    _, vjp_ref = vjp(case.ref, *args)
+    cot = cotangents if len(cotangents) > 1 else cotangents[0]
+    _assert_close(vjp_ours(cot), vjp_ref(cot))
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_func_jacrev_matches_torch(case):
+    args = case.tensors()
+    argnums = tuple(range(len(args)))
+    mine, theirs = jacrev(case.ours, argnums)(*args), jacrev(case.ref, argnums)(*args)
+    for m, t in zip(_flat(mine), _flat(theirs)):
+        _assert_close(m, t)
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_func_hessian_matches_torch(case):
+    """hessian is jacfwd(jacrev): forward mode through the backward ops."""
+    args = case.tensors()
+    _assert_close(hessian(_scalar(case.ours))(*args), hessian(_scalar(case.ref))(*args))
+    # And reverse over reverse.
+    _assert_close(
+        jacrev(jacrev(_scalar(case.ours)))(*args), jacrev(jacrev(_scalar(case.ref)))(*args)
+    )
+
+
+# ---- vmap ----------------------------------------------------------------------
+
+
+# (case, which arguments are vmapped): the first only, every one (per-model
+# parameters: ensembling), or the parameters only.
+VMAP_CASES = [
+    (case, batched)
+    for case in CASES
+    for batched in ("input", "all", "params")
+    if batched == "input" or len(case.shapes) > 1
+]
+
+
+@pytest.mark.parametrize("case, batched", VMAP_CASES, ids=lambda v: repr(v) if isinstance(v, Case) else v)
+def test_vmap_matches_torch(case, batched):
+    """vmap over some arguments, at dim 1 for tensors of 2 or more dims."""
+    size = 4
+    args = case.tensors()
+    first = 0 if batched in ("input", "all") else 1
+    last = 1 if batched == "input" else len(args)
+    in_dims = tuple(
+        (1 if args[i].dim() >= 2 else 0) if first <= i < last else None for i in range(len(args))
+    )
+    batched_args = tuple(
+        make_input((*a.shape[:d], size, *a.shape[d:]), torch.float64) if d is not None else a
+        for a, d in zip(args, in_dims)
+    )
+    _assert_close(vmap(case.ours, in_dims)(*batched_args), vmap(case.ref, in_dims)(*batched_args))
+
+
+@pytest.mark.parametrize("case", CASES, ids=repr)
+def test_gradcheck_forward_ad_and_batched(case):
+    """torch's own checks: forward-mode AD, batched (vmap) gradients, and
+    forward over reverse."""
+    args = tuple(t.requires_grad_() for t in case.tensors())
+    assert torch.autograd.gradcheck(
+        case.ours, args, check_forward_ad=True, check_batched_grad=True, check_batched_forward_grad=True
+    )
+    assert torch.autograd.gradgradcheck(
+        case.ours, args, check_fwd_over_rev=True, check_rev_over_rev=True, check_batched_grad=True
+    )
+
+
+# ---- per-sample gradients of a model --------------------------------------------
+
+
+def _model(norm_kind, ours):
+    lib = layernorm_ext if ours else torch.nn
+    norm = {
+        "layer_norm": lambda: lib.LayerNorm(6),
+        "rms_norm": lambda: lib.RMSNorm(6),
+        "batch_norm": lambda: lib.BatchNorm1d(6, track_running_stats=False),
+    }[norm_kind]
+    torch.manual_seed(5)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), norm(), torch.nn.Tanh(), torch.nn.Linear(6, 2)).double()
+
+
+@pytest.mark.parametrize("norm_kind", ["layer_norm", "rms_norm", "batch_norm"])
+def test_per_sample_gradients_match_torch(norm_kind):
+    """vmap(grad(functional_call)): the per-sample-gradient recipe of torch.func."""
+    x = torch.randn(8, 3, 4, dtype=torch.float64)  # 8 samples, each a batch of 3
+    target = torch.randn(8, 3, 2, dtype=torch.float64)
+
+    def per_sample(model):
+        params = {k: v.detach() for k, v in model.named_parameters()}
+
+        def loss(p, xs, ys):
+            return F.mse_loss(functional_call(model, p, (xs,)), ys)
+
+        return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, target)
+
+    mine, theirs = per_sample(_model(norm_kind, True)), per_sample(_model(norm_kind, False))
+    assert mine.keys() == theirs.keys()
+    for key in mine:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-9, atol=1e-10)

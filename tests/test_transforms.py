@@ -272,3 +272,80 @@ def test_per_sample_gradients_match_torch(norm_kind):
     assert mine.keys() == theirs.keys()
     for key in mine:
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-9, atol=1e-10)
+
+
+# ---- tangents of the statistics, other dtypes, modules ----------------------------
+
+
+def _statistics(x, dims, eps=1e-5):
+    return x.mean(dims), (x.var(dims, unbiased=False) + eps).rsqrt()
+
+
+def test_statistics_tangents_and_gradients():
+    """The ops' returned statistics carry tangents and gradients too (aten's
+    native_layer_norm gives them zero tangents): against the same statistics
+    written in torch ops."""
+    x, w, b, dx, dw, db = (make_input(s, torch.float64) for s in ((6, 5), (5,), (5,)) * 2)
+    ops = torch.ops.layernorm_ext
+    cases = [
+        (lambda x: ops.layer_norm_forward(x, [5], w, b, 1e-5)[1:], lambda x: _statistics(x, -1)),
+        (lambda x: ops.rms_norm_forward(x, [5], w, 1e-5)[1], lambda x: (x.pow(2).mean(-1) + 1e-5).rsqrt()),
+        (lambda x: ops.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)[1:3],
+         lambda x: _statistics(x, 0)),
+        (lambda x: ops.fused_add_layer_norm_forward(x, x.flip(0), [5], w, b, 1e-5)[1:],
+         lambda x: (x + x.flip(0), *_statistics(x + x.flip(0), -1))),
+    ]
+    for mine, ref in cases:
+        _assert_close(jvp(mine, (x,), (dx,))[1], jvp(ref, (x,), (dx,))[1])
+        _assert_close(jacrev(mine)(x), jacrev(ref)(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in ("layer_norm", "rms_norm", "batch_norm_train")], ids=repr)
+def test_forward_ad_in_other_dtypes(case, dtype):
+    """Tangents have the primals' dtypes and match the float64 ones to the
+    dtype's rounding (half inputs with float32 parameters, as torch allows)."""
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+    primals64, tangents64 = case.tensors(), case.tensors()
+
+    def low(t, i):
+        return t.to(dtype if i == 0 else torch.float32)
+
+    with fwAD.dual_level():
+        duals = [fwAD.make_dual(low(p, i), low(t, i)) for i, (p, t) in enumerate(zip(primals64, tangents64))]
+        out = fwAD.unpack_dual(_flat(case.ours(*duals))[0])
+    expected = jvp(case.ref, tuple(low(p, i).double() for i, p in enumerate(primals64)),
+                   tuple(low(t, i).double() for i, t in enumerate(tangents64)))[1]
+    assert out.tangent.dtype == dtype
+    torch.testing.assert_close(out.tangent.double(), _flat(expected)[0], rtol=tolerance, atol=tolerance)
+
+
+def test_batch_norm_module_under_forward_ad_updates_running_stats_like_torch():
+    ours, theirs = layernorm_ext.BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
+    x, dx = make_input((4, 3, 2, 2), torch.float64), make_input((4, 3, 2, 2), torch.float64)
+    results = []
+    for module in (ours, theirs):
+        with fwAD.dual_level():
+            results.append(fwAD.unpack_dual(module(fwAD.make_dual(x, dx))))
+    _assert_close((results[0].primal, results[0].tangent), (results[1].primal, results[1].tangent))
+    _assert_close((ours.running_mean, ours.running_var, ours.num_batches_tracked),
+                  (theirs.running_mean, theirs.running_var, theirs.num_batches_tracked))
+
+
+def test_ensemble_of_models_with_stacked_parameters():
+    """torch.func.stack_module_state + vmap(functional_call): several models,
+    each with its own norm parameters, in one call."""
+    models = [_model("layer_norm", True) for _ in range(3)]
+    refs = [_model("layer_norm", False) for _ in range(3)]
+    for mine, ref in zip(models, refs):
+        for p in list(mine.parameters()) + list(ref.parameters()):
+            p.data.normal_()
+        ref.load_state_dict(mine.state_dict())
+    x = torch.randn(5, 4, dtype=torch.float64)
+
+    def run(ms):
+        params, buffers = torch.func.stack_module_state(ms)
+        base = ms[0]
+        return vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
+
+    torch.testing.assert_close(run(models), run(refs), rtol=1e-9, atol=1e-10)

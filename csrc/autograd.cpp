@@ -28,9 +28,11 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <array>
+#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
@@ -49,6 +51,8 @@ using OptionalTensor = std::optional<Tensor>;
 using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
 using Tensors2 = std::tuple<Tensor, Tensor>;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
@@ -193,101 +197,262 @@ void set_tangent(const Tensor& output, const Tensor& tangent) {
   if (tangent.defined()) output._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
 }
 
-// ---- Forward ops -----------------------------------------------------------
-
 enum class NormKind { kLayerNorm, kRmsNorm, kBatchNorm };
 
-// The grad_fn of a forward op's outputs (output, [sum], [mean], rstd). Its
-// next edges are (input, [residual], weight, bias): the fused ops' residual
-// gets the same gradient as their input; an absent parameter (and RMSNorm's
-// bias) has an invalid edge.
-struct NormForwardNode : Node {
-  std::string name() const override {
-    switch (kind) {
-      case NormKind::kLayerNorm: return fused ? "FusedAddLayerNormBackward" : "LayerNormBackward";
-      case NormKind::kRmsNorm: return fused ? "FusedAddRmsNormBackward" : "RmsNormBackward";
-      case NormKind::kBatchNorm: return "BatchNormBackward";
-    }
-    return "NormBackward";
+// ---- Compiled autograd -------------------------------------------------------
+//
+// torch._dynamo's compiled autograd calls a Node's backward as one function
+// of its incoming gradients and packed arguments: the saved tensors (swapped
+// for the graph's) and every field that shapes the computation, on which it
+// also keys its cache. Each Node lists its fields once, for packing and
+// unpacking: `fields(f, ...)` calls f on all of them, in order.
+
+// Fields as compiled autograd packs them: integers as int64, tensors as
+// optional ones (an absent parameter is an undefined tensor).
+template <class T>
+using Packed = std::conditional_t<
+    std::is_same_v<T, Tensor>, std::optional<Tensor>,
+    std::conditional_t<std::is_same_v<T, NormKind> || std::is_same_v<T, int>, int64_t, T>>;
+
+template <class T>
+T from_packed(Packed<T> value) {
+  if constexpr (std::is_same_v<T, Tensor>) {
+    return value.value_or(Tensor());
+  } else {
+    return static_cast<T>(std::move(value));
   }
+}
 
-  void release_variables() override {
-    normalized_.reset_data();
-    weight_.reset_data();
-    bias_.reset_data();
-    mean_.reset_data();
-    rstd_.reset_data();
+template <class... Fields>
+void collect_fields(CompiledNodeArgs& args, const Fields&... fields) {
+  (args.collect(static_cast<Packed<Fields>>(fields)), ...);
+}
+
+template <class... Fields>
+std::vector<c10::IValue> pack_fields(const Fields&... fields) {
+  torch::dynamo::autograd::PackedArgs packed;
+  (packed.pack(static_cast<Packed<Fields>>(fields)), ...);
+  return std::move(packed).vec();
+}
+
+template <class... Fields>
+void unpack_fields(const std::vector<c10::IValue>& args, Fields&... fields) {
+  torch::dynamo::autograd::PackedArgs packed(args);
+  ((fields = from_packed<Fields>(packed.unpack<Packed<Fields>>())), ...);
+}
+
+// Puts the call of `backward` on `args` (packed fields) into the graph.
+variable_list call_in_graph(
+    const Node& node,
+    SwapSavedVariables& swap,
+    torch::autograd::functional_apply_t backward,
+    const variable_list& grads,
+    const std::vector<c10::IValue>& args) {
+  std::vector<at::TypePtr> schema;
+  for (const auto& arg : args) {
+    schema.push_back(arg.isTensor() ? at::TensorType::get() : arg.type());
   }
+  // Each binding needs a name of its own: a graph may hold several such
+  // nodes, and every compile binds anew.
+  static std::atomic<uint64_t> bindings{0};
+  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
+  const auto name = compiler->bind_function(
+      swap.get_py_compiler(), node.name() + std::to_string(bindings++), std::move(backward),
+      schema);
+  return compiler->call_function(
+      swap.get_py_compiler(), "apply_functional", name, grads, args,
+      torch::dynamo::autograd::IValuePacker<
+          std::vector<std::optional<torch::autograd::InputMetadata>>>::
+          pack(torch::dynamo::autograd::get_input_metadata(node.next_edges())));
+}
 
-  // grads: of the outputs with history, in order.
-  variable_list apply(variable_list&& grads) override;
+// A compiled graph cannot skip an undefined gradient the way the engine does:
+// the wanted ones are zeros there, like the argument they are of.
+variable_list zeros_for_undefined(
+    variable_list grads, const std::vector<bool>& wanted, const std::vector<Tensor>& args) {
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (wanted[i] && !grads[i].defined()) grads[i] = at::zeros_like(args[i]);
+  }
+  return grads;
+}
 
+// Which of a Node's next edges want a gradient: while the graph is built, or
+// in the running backward.
+std::vector<bool> wanted_edges(const Node& node, bool in_task) {
+  std::vector<bool> wanted(node.num_outputs());
+  for (size_t i = 0; i < wanted.size(); ++i) {
+    wanted[i] = in_task ? node.task_should_compute_output(i) : node.should_compute_output(i);
+  }
+  return wanted;
+}
+
+// ---- Forward ops -----------------------------------------------------------
+
+// What a forward op's backward computes with, besides its saved tensors: the
+// kind of norm, whether it was fused with the residual add (the normalized
+// tensor is then the returned sum), normalized_shape (row norms), and which
+// output each incoming gradient is of (-1: none).
+struct ForwardBackwardConfig {
   NormKind kind = NormKind::kLayerNorm;
   formulas::Norm norm;
-  bool fused = false;  // the normalized tensor is the returned sum
-  std::vector<c10::SymInt> normalized_shape;  // row norms
-  // Which output each incoming gradient is of (-1: none).
+  bool fused = false;
+  std::vector<c10::SymInt> normalized_shape;
   int sum_slot = -1, mean_slot = -1, rstd_slot = -1;
-  SavedVariable normalized_, weight_, bias_, mean_, rstd_;
 };
 
-variable_list NormForwardNode::apply(variable_list&& grads) {
-  const auto self = getptr();
-  const auto normalized = normalized_.unpack(fused ? self : nullptr);
-  const auto weight = weight_.unpack();
-  const auto bias = bias_.unpack();
-  const auto mean = mean_slot >= 0 ? mean_.unpack(self) : Tensor();
-  const auto rstd = rstd_.unpack(self);
-  const size_t addends = fused ? 2 : 1;
-  const bool want_normalized = should_compute_output(0) || (fused && should_compute_output(1));
+// The saved tensors (undefined when absent).
+struct ForwardSaved {
+  Tensor normalized, weight, bias, mean, rstd;
+};
+
+// The gradients of a forward op's arguments (input, [residual], weight,
+// bias), from those of its outputs with history, in order: the backward op
+// for grad_output, plus the input's path through the returned statistics;
+// the fused ops' residual gets the same gradient as their input. `wanted`
+// says which arguments' gradients to compute.
+variable_list forward_op_gradients(
+    const ForwardBackwardConfig& config,
+    const ForwardSaved& saved,
+    const variable_list& grads,
+    const std::vector<bool>& wanted) {
+  const size_t addends = config.fused ? 2 : 1;
+  const auto& [normalized, weight, bias, mean, rstd] = saved;
   const std::array<bool, 3> mask{
-      want_normalized, weight.defined() && should_compute_output(addends),
-      bias.defined() && should_compute_output(addends + 1)};
+      wanted[0] || (config.fused && wanted[1]), weight.defined() && wanted[addends],
+      bias.defined() && wanted[addends + 1]};
 
   std::array<Tensor, 3> g;  // of (normalized, weight, bias)
   const auto& grad_output = grads[0];
   if (grad_output.defined()) {
     const bool record = Recording(grad_output, normalized, mean, rstd, weight, bias).any();
-    switch (kind) {
+    switch (config.kind) {
       case NormKind::kLayerNorm:
         std::tie(g[0], g[1], g[2]) = call_op(
-            ops().layer_norm_backward, record, grad_output, normalized, normalized_shape, mean,
-            rstd, optional_if_defined(weight), optional_if_defined(bias), mask);
+            ops().layer_norm_backward, record, grad_output, normalized, config.normalized_shape,
+            mean, rstd, optional_if_defined(weight), optional_if_defined(bias), mask);
         break;
       case NormKind::kRmsNorm:
         std::tie(g[0], g[1]) = call_op(
-            ops().rms_norm_backward, record, grad_output, normalized, normalized_shape, rstd,
-            optional_if_defined(weight), std::array<bool, 2>{mask[0], mask[1]});
+            ops().rms_norm_backward, record, grad_output, normalized, config.normalized_shape,
+            rstd, optional_if_defined(weight), std::array<bool, 2>{mask[0], mask[1]});
         break;
       case NormKind::kBatchNorm:
         std::tie(g[0], g[1], g[2]) = call_op(
             ops().batch_norm_backward, record, grad_output, normalized,
             optional_if_defined(weight), optional_if_defined(bias), mean, rstd,
-            norm.batch_stats, mask);
+            config.norm.batch_stats, mask);
         break;
     }
   }
   keep_masked(g, mask);
-  if (mask[0] && norm.batch_stats) {
+  if (mask[0] && config.norm.batch_stats) {
     g[0] = add_defined(
         g[0],
         formulas::statistics_gradient(
-            norm, normalized, mean, rstd, mean_slot >= 0 ? grads[mean_slot] : Tensor(),
-            grads[rstd_slot]));
+            config.norm, normalized, mean, rstd,
+            config.mean_slot >= 0 ? grads[config.mean_slot] : Tensor(), grads[config.rstd_slot]));
   }
-  if (fused) g[0] = add_defined(g[0], grads[sum_slot]);
+  if (config.fused) g[0] = add_defined(g[0], grads[config.sum_slot]);
   // The op's parameter gradients have the shape of the statistics' groups'
   // parameters; a BatchNorm parameter may have any shape of C elements.
   if (g[1].defined()) g[1] = g[1].view_as(weight);
   if (g[2].defined()) g[2] = g[2].view_as(bias);
 
   variable_list out;
-  out.push_back(should_compute_output(0) ? g[0] : Tensor());
-  if (fused) out.push_back(should_compute_output(1) ? g[0] : Tensor());
+  out.push_back(wanted[0] ? g[0] : Tensor());
+  if (config.fused) out.push_back(wanted[1] ? g[0] : Tensor());
   out.push_back(g[1]);
   out.push_back(g[2]);
   return out;
 }
+
+// Calls f on every field of a forward op's backward config, in one order.
+template <class Config, class F>
+void config_fields(Config& c, F&& f) {
+  auto& groups = c.norm.groups;
+  f(c.kind, groups.group_dims, groups.param_dims, groups.stat_unit_dims, groups.per_channel,
+    c.norm.center, c.norm.batch_stats, c.fused, c.normalized_shape, c.sum_slot, c.mean_slot,
+    c.rstd_slot);
+}
+
+// The packed arguments: the config, the saved tensors, the wanted edges.
+template <class Config, class Saved, class Wanted, class F>
+void forward_fields(Config& c, Saved& s, Wanted& wanted, F&& f) {
+  config_fields(c, [&](auto&... config) {
+    f(config..., s.normalized, s.weight, s.bias, s.mean, s.rstd, wanted);
+  });
+}
+
+variable_list forward_op_gradients_packed(
+    const variable_list& grads, const std::vector<c10::IValue>& args) {
+  ForwardBackwardConfig config;
+  ForwardSaved saved;
+  std::vector<bool> wanted;
+  forward_fields(config, saved, wanted, [&](auto&... fields) { unpack_fields(args, fields...); });
+  std::vector<Tensor> edge_args{saved.normalized};
+  if (config.fused) edge_args.push_back(saved.normalized);
+  edge_args.push_back(saved.weight);
+  edge_args.push_back(saved.bias);
+  return zeros_for_undefined(
+      forward_op_gradients(config, saved, grads, wanted), wanted, edge_args);
+}
+
+// The grad_fn of a forward op's outputs (output, [sum], [mean], rstd). Its
+// next edges are (input, [residual], weight, bias): an absent parameter (and
+// RMSNorm's bias) has an invalid edge.
+struct NormForwardNode : Node {
+  std::string name() const override {
+    switch (config.kind) {
+      case NormKind::kLayerNorm:
+        return config.fused ? "FusedAddLayerNormBackward" : "LayerNormBackward";
+      case NormKind::kRmsNorm:
+        return config.fused ? "FusedAddRmsNormBackward" : "RmsNormBackward";
+      case NormKind::kBatchNorm:
+        return "BatchNormBackward";
+    }
+    return "NormBackward";
+  }
+
+  void release_variables() override {
+    for (auto* v : {&normalized_, &weight_, &bias_, &mean_, &rstd_}) v->reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    return forward_op_gradients(config, unpack(), grads, wanted_edges(*this, false));
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    // The outputs among the saved tensors are saved as outputs.
+    args.collect(normalized_, /*is_output=*/config.fused);
+    args.collect(weight_, false);
+    args.collect(bias_, false);
+    args.collect(mean_, true);
+    args.collect(rstd_, true);
+    config_fields(config, [&](const auto&... fields) { collect_fields(args, fields...); });
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& swap) override {
+    swap.before(config.normalized_shape);
+    for (auto* v : {&normalized_, &weight_, &bias_, &mean_, &rstd_}) swap.before(*v);
+    auto saved = unpack();
+    auto wanted = wanted_edges(*this, true);
+    std::vector<c10::IValue> args;
+    forward_fields(config, saved, wanted, [&](const auto&... fields) { args = pack_fields(fields...); });
+    auto result = call_in_graph(*this, swap, forward_op_gradients_packed, grads, args);
+    for (auto* v : {&normalized_, &weight_, &bias_, &mean_, &rstd_}) swap.after(*v);
+    swap.after(config.normalized_shape);
+    return result;
+  }
+
+  ForwardSaved unpack() {
+    const auto self = getptr();
+    return {normalized_.unpack(config.fused ? self : nullptr), weight_.unpack(), bias_.unpack(),
+            mean_.unpack(self), rstd_.unpack(self)};
+  }
+
+  ForwardBackwardConfig config;
+  SavedVariable normalized_, weight_, bias_, mean_, rstd_;
+};
 
 // What a forward op call is: its kind, the normalized tensor (the input, or
 // the returned sum of the fused ops) and what it was called with and returned.
@@ -307,24 +472,25 @@ void record_forward(const ForwardCall& call, const Recording& recording) {
   if (recording.reverse) {
     auto owner = make_node<NormForwardNode>();
     node = static_cast<NormForwardNode*>(owner.get());
-    node->kind = call.kind;
-    node->norm = call.norm;
-    node->fused = fused;
-    node->normalized_shape = call.normalized_shape.vec();
+    auto& config = node->config;
+    config.kind = call.kind;
+    config.norm = call.norm;
+    config.fused = fused;
+    config.normalized_shape = call.normalized_shape.vec();
     const Tensor residual = fused ? call.addends[1] : Tensor();
     node->set_next_edges(
         fused ? torch::autograd::collect_next_edges(input, residual, call.weight, call.bias)
               : torch::autograd::collect_next_edges(input, call.weight, call.bias));
     std::vector<Tensor> with_history{call.output};
     if (fused) {
-      node->sum_slot = static_cast<int>(with_history.size());
+      config.sum_slot = static_cast<int>(with_history.size());
       with_history.push_back(call.sum);
     }
     if (call.mean.defined()) {
-      node->mean_slot = static_cast<int>(with_history.size());
+      config.mean_slot = static_cast<int>(with_history.size());
       with_history.push_back(call.mean);
     }
-    node->rstd_slot = static_cast<int>(with_history.size());
+    config.rstd_slot = static_cast<int>(with_history.size());
     with_history.push_back(call.rstd);
     torch::autograd::set_history(with_history, owner);
   }
@@ -464,41 +630,106 @@ Tensors5 batch_norm_forward_autograd(
 
 // ---- Backward ops (double backward) ------------------------------------------
 
+// What a backward op's backward computes with, besides its saved tensors:
+// the norm, which outputs the op computed, and `slots`, the op's tensor
+// argument (next edge) of each of the formula's gradients (grad_output,
+// input, mean, rstd, weight; -1: not an argument, RMSNorm's mean). The bias
+// argument only gives grad_bias its dtype and gets no gradient.
+struct BackwardBackwardConfig {
+  formulas::Norm norm;
+  std::array<bool, 3> output_mask{};
+  std::vector<int64_t> slots;
+};
+
+template <class Config, class F>
+void backward_config_fields(Config& c, F&& f) {
+  auto& groups = c.norm.groups;
+  f(groups.group_dims, groups.param_dims, groups.stat_unit_dims, groups.per_channel,
+    c.norm.center, c.norm.batch_stats, c.output_mask, c.slots);
+}
+
+template <class Config, class Saved, class Wanted, class F>
+void backward_fields(Config& c, Saved& s, Wanted& wanted, F&& f) {
+  backward_config_fields(c, [&](auto&... config) {
+    f(config..., s.grad_output, s.input, s.mean, s.rstd, s.weight, wanted);
+  });
+}
+
+// The gradients of a backward op's tensor arguments from those of its outputs.
+variable_list backward_op_gradients(
+    const BackwardBackwardConfig& config,
+    const formulas::BackwardInputs& saved,
+    const variable_list& grads,
+    const std::vector<bool>& wanted) {
+  const auto incoming = [&](size_t i) {
+    return i < grads.size() && config.output_mask[i] ? grads[i] : Tensor();
+  };
+  const auto gradients =
+      formulas::backward_gradients(config.norm, saved, incoming(0), incoming(1), incoming(2));
+  variable_list out(wanted.size());
+  for (size_t i = 0; i < config.slots.size(); ++i) {
+    const auto slot = config.slots[i];
+    if (slot >= 0 && wanted[slot]) out[slot] = gradients[i];
+  }
+  return out;
+}
+
+variable_list backward_op_gradients_packed(
+    const variable_list& grads, const std::vector<c10::IValue>& args) {
+  BackwardBackwardConfig config;
+  formulas::BackwardInputs saved;
+  std::vector<bool> wanted;
+  backward_fields(config, saved, wanted, [&](auto&... fields) { unpack_fields(args, fields...); });
+  const std::array<Tensor, 5> by_slot{
+      saved.grad_output, saved.input, saved.mean, saved.rstd, saved.weight};
+  std::vector<Tensor> edge_args(wanted.size());
+  for (size_t i = 0; i < config.slots.size(); ++i) {
+    if (config.slots[i] >= 0) edge_args[config.slots[i]] = by_slot[i];
+  }
+  return zeros_for_undefined(
+      backward_op_gradients(config, saved, grads, wanted), wanted, edge_args);
+}
+
 // The grad_fn of a backward op's outputs (grad_input, grad_weight,
-// [grad_bias]). `slots` maps the formula's gradients (grad_output, input,
-// mean, rstd, weight) to the op's tensor arguments, its next edges (-1: not
-// an argument, RMSNorm's mean); the bias argument only gives grad_bias its
-// dtype and gets no gradient.
+// [grad_bias]), whose next edges are the op's tensor arguments.
 struct NormBackwardNode : Node {
   std::string name() const override { return name_; }
 
   void release_variables() override {
-    grad_output_.reset_data();
-    input_.reset_data();
-    mean_.reset_data();
-    rstd_.reset_data();
-    weight_.reset_data();
+    for (auto* v : saved_variables()) v->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
-    const formulas::BackwardInputs saved{
-        grad_output_.unpack(), input_.unpack(), mean_.unpack(), rstd_.unpack(), weight_.unpack()};
-    const auto wanted = [&](size_t i) {
-      return i < grads.size() && output_mask[i] ? grads[i] : Tensor();
-    };
-    const auto gradients =
-        formulas::backward_gradients(norm, saved, wanted(0), wanted(1), wanted(2));
-    variable_list out(num_outputs());
-    for (size_t i = 0; i < slots.size(); ++i) {
-      if (slots[i] >= 0 && should_compute_output(slots[i])) out[slots[i]] = gradients[i];
-    }
-    return out;
+    return backward_op_gradients(config, unpack(), grads, wanted_edges(*this, false));
+  }
+
+  void compiled_args(CompiledNodeArgs& args) const override {
+    for (const auto* v : {&grad_output_, &input_, &mean_, &rstd_, &weight_}) args.collect(*v, false);
+    backward_config_fields(config, [&](const auto&... fields) { collect_fields(args, fields...); });
+  }
+
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& swap) override {
+    for (auto* v : saved_variables()) swap.before(*v);
+    auto saved = unpack();
+    auto wanted = wanted_edges(*this, true);
+    std::vector<c10::IValue> args;
+    backward_fields(config, saved, wanted, [&](const auto&... fields) { args = pack_fields(fields...); });
+    auto result = call_in_graph(*this, swap, backward_op_gradients_packed, grads, args);
+    for (auto* v : saved_variables()) swap.after(*v);
+    return result;
+  }
+
+  formulas::BackwardInputs unpack() const {
+    return {grad_output_.unpack(), input_.unpack(), mean_.unpack(), rstd_.unpack(),
+            weight_.unpack()};
+  }
+
+  std::array<SavedVariable*, 5> saved_variables() {
+    return {&grad_output_, &input_, &mean_, &rstd_, &weight_};
   }
 
   std::string name_;
-  formulas::Norm norm;
-  std::array<bool, 3> output_mask{};
-  std::array<int, 5> slots{};
+  BackwardBackwardConfig config;
   SavedVariable grad_output_, input_, mean_, rstd_, weight_;
 };
 
@@ -510,7 +741,7 @@ struct BackwardCall {
   formulas::BackwardInputs args;
   OptionalTensor bias;
   torch::autograd::edge_list edges;
-  std::array<int, 5> slots;
+  std::vector<int64_t> slots;
   std::array<bool, 3> output_mask;
   std::vector<Tensor> outputs;
 };
@@ -521,9 +752,7 @@ void record_backward(BackwardCall call, const Recording& recording) {
     auto node = make_node<NormBackwardNode>();
     auto* n = static_cast<NormBackwardNode*>(node.get());
     n->name_ = std::move(call.name);
-    n->norm = call.norm;
-    n->output_mask = call.output_mask;
-    n->slots = call.slots;
+    n->config = {call.norm, call.output_mask, call.slots};
     n->set_next_edges(std::move(call.edges));
     torch::autograd::set_history(call.outputs, node);
     n->grad_output_ = SavedVariable(a.grad_output, false);
@@ -565,7 +794,7 @@ Tensors3 layer_norm_backward_autograd(
          row_norm(true, input.dim(), normalized_shape),
          {grad_output, input, mean, rstd, weight.value_or(Tensor())},
          bias,
-         torch::autograd::collect_next_edges(grad_output, input, mean, rstd, weight, bias),
+         torch::autograd::collect_next_edges(grad_output, input, mean, rstd, weight, Tensor()),
          {0, 1, 2, 3, 4},
          output_mask,
          {grad_input, grad_weight, grad_bias}},
@@ -621,7 +850,7 @@ Tensors3 batch_norm_backward_autograd(
          {grad_output, input, save_mean, save_rstd, weight.value_or(Tensor())},
          bias,
          torch::autograd::collect_next_edges(
-             grad_output, input, weight, bias, save_mean, save_rstd),
+             grad_output, input, weight, Tensor(), save_mean, save_rstd),
          {0, 1, 4, 5, 2},
          output_mask,
          {grad_input, grad_weight, grad_bias}},

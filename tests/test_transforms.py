@@ -349,3 +349,49 @@ def test_ensemble_of_models_with_stacked_parameters():
         return vmap(lambda p, b: functional_call(base, (p, b), (x,)))(params, buffers)
 
     torch.testing.assert_close(run(models), run(refs), rtol=1e-9, atol=1e-10)
+
+
+# ---- compiled autograd -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in (
+    "layer_norm", "rms_norm", "fused_add_layer_norm", "batch_norm_train", "batch_norm_eval")], ids=repr)
+def test_compiled_autograd_gives_eager_gradients(case):
+    """torch._dynamo's compiled autograd traces the ops' backward Nodes."""
+    from torch._dynamo import compiled_autograd
+
+    def gradients(compiled):
+        torch._dynamo.reset()
+        args = [t.clone().requires_grad_() for t in tensors]
+        loss = _scalar(case.ours)(*args)
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+                loss.backward()
+        else:
+            loss.backward()
+        return tuple(a.grad for a in args)
+
+    tensors = case.tensors()
+    _assert_close(gradients(True), gradients(False))
+
+
+def test_compiled_autograd_through_a_gradient_penalty():
+    """A loss that holds a gradient (create_graph) puts the backward ops'
+    own backward Nodes into the graph compiled autograd compiles."""
+    from torch._dynamo import compiled_autograd
+
+    def weight_grads(compiled):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        norm = layernorm_ext.LayerNorm(5).double()
+        x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+        (grad_x,) = torch.autograd.grad(norm(x).sin().sum(), x, create_graph=True)
+        loss = grad_x.pow(2).sum()
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="eager", fullgraph=True)):
+                loss.backward()
+        else:
+            loss.backward()
+        return norm.weight.grad, norm.bias.grad, x.grad
+
+    _assert_close(weight_grads(True), weight_grads(False))

@@ -9,6 +9,16 @@
 #include <pthread.h>
 #include <sys/mman.h>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
+#define LAYERNORM_EXT_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#include <sanitizer/asan_interface.h>
+#define LAYERNORM_EXT_ASAN 1
+#endif
+#endif
+
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -61,6 +71,20 @@ struct Block {
   size_t bytes;
 };
 
+// Under AddressSanitizer, the bytes of a block that no tensor owns (past the
+// `owned` bytes of its tensor, or all of an idle block) are poisoned, so that
+// a kernel writing past its output, or a use after free, is caught as it
+// would be in malloc'ed memory.
+void set_owned_bytes(const Block& block, size_t owned) {
+#ifdef LAYERNORM_EXT_ASAN
+  ASAN_UNPOISON_MEMORY_REGION(block.data, owned);
+  ASAN_POISON_MEMORY_REGION(static_cast<char*>(block.data) + owned, block.bytes - owned);
+#else
+  (void)block;
+  (void)owned;
+#endif
+}
+
 int64_t limit_from_env() {
   const char* text = std::getenv("LAYERNORM_EXT_CPU_CACHE_MB");
   if (text == nullptr || *text == '\0') return kDefaultLimitMiB << 20;
@@ -110,6 +134,7 @@ class OutputCache final : public c10::Allocator {
           bytes, " bytes for an output (", std::strerror(errno), ")");
       block = new Block{data, bytes};
     }
+    set_owned_bytes(*block, nbytes);
     return {block->data, block, &give_back, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -175,6 +200,7 @@ class OutputCache final : public c10::Allocator {
 
   static void give_back(void* context) {
     auto* block = static_cast<Block*>(context);
+    set_owned_bytes(*block, 0);
     auto& cache = instance();
     std::vector<Block*> evicted;
     {
@@ -203,6 +229,9 @@ class OutputCache final : public c10::Allocator {
 
   static void free_blocks(const std::vector<Block*>& blocks) {
     for (Block* block : blocks) {
+      // The shadow of unmapped memory must not stay poisoned for what is
+      // mapped there next.
+      set_owned_bytes(*block, block->bytes);
       munmap(block->data, block->bytes);
       delete block;
     }

@@ -16,6 +16,8 @@ import layernorm_ext
 
 ROWS, COLS = 256, 1024  # 1 MiB of float32: above the cache's 256 KiB floor
 LIMIT = 1 << 30
+DEFAULT_LIMIT = 128 << 20  # what cpu_cache's docstring and the README say
+MIB = 1 << 20
 
 
 @pytest.fixture(autouse=True)
@@ -162,10 +164,83 @@ def test_python_threads_share_the_cache_safely():
 
 
 def _run_python(code, **env):
+    """Runs `code` in a fresh interpreter; an env value of None unsets it."""
+    environment = {**os.environ, **env}
+    environment = {name: value for name, value in environment.items() if value is not None}
     return subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-        env={**os.environ, **env},
+        env=environment,
     )
+
+
+def test_growing_sizes_reuse_blocks_of_their_size_class():
+    weight, bias = torch.randn(COLS), torch.randn(COLS)
+    steps = range(ROWS, ROWS + 64, 4)  # 1 MiB to 1.25 MiB: three size classes
+    before = layernorm_ext.cpu_cache_info()
+    for rows in steps:
+        x = torch.randn(rows, COLS)
+        out = layernorm_ext.layer_norm(x, (COLS,), weight, bias)
+        torch.testing.assert_close(out, _layer_norm_reference(x, weight, bias))
+        out.fill_(float("nan"))  # stale bytes must not reach the next result
+        del out
+    after = layernorm_ext.cpu_cache_info()
+    assert after["misses"] - before["misses"] <= 3
+    assert after["hits"] - before["hits"] >= len(steps) - 3
+
+
+def test_idle_bytes_never_exceed_the_limit():
+    limit = 8 * MIB
+    layernorm_ext.set_cpu_cache_limit(limit)
+    for rows in range(ROWS, 8 * ROWS, 96):  # 1 to 7.6 MiB, a new class at every step
+        outs = [layernorm_ext.rms_norm(torch.randn(rows, COLS), (COLS,)) for _ in range(2)]
+        del outs
+        assert layernorm_ext.cpu_cache_info()["cached_bytes"] <= limit
+
+
+def test_the_default_limit_is_the_documented_one_and_holds_as_sizes_grow():
+    # The issue's case: outputs growing by 5% a step, from 1 MiB to 40 MiB;
+    # the cache used to keep every one of them idle (about 800 MiB).
+    code = (
+        "import torch, layernorm_ext\n"
+        "most, rows = 0, 256.0\n"
+        "while rows < 10240:\n"
+        "    out = layernorm_ext.layer_norm(torch.zeros(int(rows), 1024), (1024,)); del out\n"
+        "    most = max(most, layernorm_ext.cpu_cache_info()['cached_bytes'])\n"
+        "    rows *= 1.05\n"
+        "print(layernorm_ext.cpu_cache_info()['limit_bytes'], most)\n"
+    )
+    limit, most = map(int, _run_python(code, LAYERNORM_EXT_CPU_CACHE_MB=None).stdout.split())
+    assert limit == DEFAULT_LIMIT
+    assert f"default {DEFAULT_LIMIT // MIB}," in layernorm_ext.cpu_cache.__doc__
+    assert 0 < most <= DEFAULT_LIMIT
+
+
+def test_empty_cpu_cache_returns_the_memory_to_the_os():
+    # In a fresh process, after a large free has raised glibc's mmap threshold
+    # (blocks below it would come from the heap, and free() would keep them
+    # resident); small tensors made between the outputs pin the heap.
+    code = (
+        "import torch, layernorm_ext\n"
+        "def rss():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmRSS:'):\n"
+        "            return int(line.split()[1]) * 1024\n"
+        "torch.empty(8 << 20, dtype=torch.uint8).fill_(1)\n"
+        "layernorm_ext.set_cpu_cache_limit(1 << 30)\n"
+        "x = torch.randn(1024, 1024)\n"
+        "outs, pins = [], []\n"
+        "for _ in range(16):\n"
+        "    outs.append(layernorm_ext.layer_norm(x, (1024,)))\n"
+        "    pins.append(torch.randn(64))\n"
+        "del outs\n"
+        "cached = layernorm_ext.cpu_cache_info()['cached_bytes']\n"
+        "before = rss()\n"
+        "released = layernorm_ext.empty_cpu_cache()\n"
+        "print(cached, released, before - rss())\n"
+    )
+    cached, released, dropped = map(int, _run_python(code).stdout.split())
+    assert cached == released >= 64 * MIB
+    assert dropped >= released - 4 * MIB
 
 
 def test_environment_sets_the_limit():
@@ -176,7 +251,7 @@ def test_environment_sets_the_limit():
     assert "'limit_bytes': 0," in _run_python(code, LAYERNORM_EXT_CPU_CACHE_MB="0").stdout
     assert "'limit_bytes': 3145728," in _run_python(code, LAYERNORM_EXT_CPU_CACHE_MB="3").stdout
     bad = _run_python(code, LAYERNORM_EXT_CPU_CACHE_MB="lots")
-    assert "'limit_bytes': 1073741824," in bad.stdout
+    assert f"'limit_bytes': {DEFAULT_LIMIT}," in bad.stdout
     assert "LAYERNORM_EXT_CPU_CACHE_MB must be a whole number of MiB >= 0, but is 'lots'" in bad.stderr
 
 

@@ -16,10 +16,11 @@
 //
 // Determinism: a channel's statistics are merged from per-block partials.
 // The blocks are cut from the shape alone, each block is reduced in a fixed
-// order by the one task that owns it, and the partials are merged in block
-// order (after the parallel region, or by the task that owns the channel):
-// no atomics, the same bits for any thread count, whichever task split the
-// thread count picks. Elementwise passes split the tensor into contiguous
+// order by the one task that owns it (taking one sweep or two from its own
+// data, see MomentsSweep), and the partials are merged in block order (after
+// the parallel region, or by the task that owns the channel): no atomics,
+// the same bits for any thread count, whichever task split the thread count
+// picks. Elementwise passes split the tensor into contiguous
 // element ranges, or into channels; an element's value does not depend on
 // which task, or which of Vec and Scalar, computes it.
 // All work goes through at::parallel_for (torch's OpenMP pool, so
@@ -580,11 +581,13 @@ void for_each_plane_of_group(
 //
 // Each block first tries one sweep: the sums of d = x - shift and d^2 give
 // m2 = sum(d^2) - sum(d)^2 / n, which cancels by about (mean - shift)^2 / var
-// roundings; when that is at most kOnePassSpread for every channel of the
-// block (always, for 17 values or fewer: no value of n lies further than n -
-// 1 variances from their mean), the one sweep stands, else the block takes
-// the second sweep. The second sweep reads the block from L1/L2, so the
-// saving is in instructions, not in memory.
+// roundings; when that is at most kOnePassSpread (always, for 17 values or
+// fewer: no value of n lies further than n - 1 variances from their mean),
+// the one sweep stands, else the block takes the second sweep. The choice
+// covers what the shape alone delimits, never what a task happens to sweep
+// at once: in the plane layout each channel's block on its own, in the row
+// layout a sub-block of rows with all its channels. The second sweep reads
+// the block from L1/L2, so the saving is in instructions, not in memory.
 template <typename T>
 struct MomentsSweep {
   using scalar = T;
@@ -650,17 +653,24 @@ struct MomentsSweep {
       shifted_sum[c - c0] += run.first;
       shifted_squares[c - c0] += run.second;
     });
-    // One sweep when it is exact enough for every channel (see above).
-    bool exact = true;
+    // Each channel keeps its one sweep when that is exact enough for it (see
+    // above), whatever the other channels of the group: how many channels a
+    // task sweeps together follows the thread count, a channel's bits must
+    // not.
+    std::array<bool, kMaxGroupChannels> second_sweep;
+    bool any_second_sweep = false;
     for (int64_t k = 0; k < c1 - c0; ++k) {
       const acc offset_from_shift = shifted_sum[k] * inv_count;
       mean[k] = shift[k] + offset_from_shift;
       const acc m2 = shifted_squares[k] - shifted_sum[k] * offset_from_shift;
       stats[k] = {mean[k], m2};
-      exact = exact && one_sweep_exact(Scalar<acc>{offset_from_shift}, Scalar<acc>{m2 * inv_count});
+      second_sweep[k] =
+          !one_sweep_exact(Scalar<acc>{offset_from_shift}, Scalar<acc>{m2 * inv_count});
+      any_second_sweep = any_second_sweep || second_sweep[k];
     }
-    if (exact) return;
+    if (!any_second_sweep) return;
     for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
+      if (!second_sweep[c - c0]) return;
       const acc mu = mean[c - c0];
       const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
         using V = decltype(tag);
@@ -671,6 +681,7 @@ struct MomentsSweep {
       sum_deviations[c - c0] += run.second;
     });
     for (int64_t k = 0; k < c1 - c0; ++k) {
+      if (!second_sweep[k]) continue;
       stats[k] = {mean[k], sum_squares[k] - sum_deviations[k] * sum_deviations[k] * inv_count};
     }
   }

@@ -12,9 +12,13 @@
 // Tensors made here are ordinary CPU tensors (resizable storage, any view or
 // in-place op works); only where their bytes come from and go to differs.
 // Blocks smaller than kMinCachedBytes come from and return to torch's CPU
-// allocator. Idle blocks held by the cache never exceed the limit
-// (LAYERNORM_EXT_CPU_CACHE_MB, default 1024; 0 disables caching); the oldest
-// freed block goes first when it would.
+// allocator. Larger ones are mapped from the OS in size classes (eight per
+// doubling), so that a block also serves later requests a little smaller
+// than it (growing sizes within a class), wasting at most an eighth of it.
+// Idle blocks held by the cache never exceed the limit
+// (LAYERNORM_EXT_CPU_CACHE_MB, default 128; 0 disables caching); the oldest
+// freed block goes first when it would. An evicted or emptied block is
+// unmapped: its memory goes back to the OS at once.
 #pragma once
 
 #include <ATen/ATen.h>

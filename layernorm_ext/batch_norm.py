@@ -13,7 +13,7 @@ import torch
 
 from ._eager import direct_calls
 from ._row_norm_autograd import backward_of_backward_2d
-from ._shapes import empty_unless, stats_dtype
+from ._shapes import check_same_device, empty_unless, stats_dtype
 
 _ops = torch.ops.layernorm_ext
 
@@ -147,6 +147,14 @@ def output_memory_format(input: torch.Tensor) -> torch.memory_format:
 def _batch_norm_forward_fake(
     input, weight, bias, running_mean, running_var, training, momentum, eps
 ):
+    check_same_device(
+        "batch_norm",
+        input,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
+    )
     channels = input.shape[1]
     dtype = stats_dtype(input.dtype)
     update = training and running_mean is not None
@@ -164,6 +172,8 @@ def _batch_norm_forward_fake(
 def _batch_norm_backward_fake(
     grad_output, input, weight, bias, save_mean, save_rstd, training, output_mask
 ):
+    check_same_device("batch_norm", input, weight=weight, bias=bias)
+    check_same_device("batch_norm_backward", input, grad_output=grad_output)
     channels = input.shape[1]
     weight_like = weight if weight is not None else input
     bias_like = bias if bias is not None else weight_like

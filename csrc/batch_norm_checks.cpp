@@ -20,41 +20,47 @@ bool is_supported_input(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || is_reduced_float(t);
 }
 
-void check_input(const at::Tensor& input) {
+// Inputs of fewer than 2 dims have 0 channels, as torch counts them (a
+// 0-dim input has a batch of 1).
+ChannelShape channel_shape(const at::Tensor& input) {
+  int64_t inner = 1;
+  for (int64_t d = 2; d < input.dim(); ++d) inner *= input.size(d);
+  return {input.dim() > 0 ? input.size(0) : 1, input.dim() >= 2 ? input.size(1) : 0, inner};
+}
+
+// The input and the per-channel tensors, in torch's order: all counts (C
+// elements: torch checks the count, not the shape), then all devices (the
+// input's), then the input's dtype, then theirs (the input's, or float32 for
+// a float16/bfloat16 input, and all of one dtype: what torch's CPU kernel
+// accepts), then a channel dim. torch returns the output of an empty input
+// before any of these checks; we skip only those after the input's dtype
+// (the kernels take the parameters converted to the accumulation type), so
+// that a buffer of the wrong size or device still fails on an empty batch.
+void check_input_and_params(
+    const at::Tensor& input, int64_t channels, std::initializer_list<NamedParam> params) {
+  for (const auto& [name, param] : params) {
+    if (!param->has_value()) continue;
+    TORCH_CHECK(
+        (*param)->numel() == channels,
+        name, " should contain ", channels, " elements not ", (*param)->numel());
+  }
+  for (const auto& [name, param] : params) {
+    if (!param->has_value()) continue;
+    TORCH_CHECK(
+        (*param)->device() == input.device(),
+        "batch_norm: expected ", name, " on the input's device ", input.device(),
+        ", but got ", name, " on ", (*param)->device());
+  }
   // torch raises NotImplementedError with this wording for integer inputs.
   TORCH_CHECK_NOT_IMPLEMENTED(
       is_supported_input(input.scalar_type()),
       "\"batch_norm\" not implemented for '", c10::toString(input.scalar_type()), "'");
-  TORCH_CHECK(
-      input.dim() >= 2 && input.dim() <= 5,
-      "batch_norm: expected an input of 2 to 5 dims (N, C, *), but got input of size ",
-      input.sizes(), " (", input.dim(), " dims)");
-}
-
-ChannelShape channel_shape(const at::Tensor& input) {
-  int64_t inner = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) inner *= input.size(d);
-  return {input.size(0), input.size(1), inner};
-}
-
-// Per-channel tensors, checked in torch's order: C elements (torch checks
-// the count, not the shape), on the input's device, of the input's dtype or
-// float32 for a float16/bfloat16 input, and all of one dtype (what torch's
-// CPU kernel accepts).
-void check_params(
-    const at::Tensor& input, int64_t channels, std::initializer_list<NamedParam> params) {
+  if (input.numel() == 0) return;
   const NamedParam* first = nullptr;
   for (const auto& param : params) {
     if (!param.second->has_value()) continue;
     const char* name = param.first;
     const at::Tensor& t = **param.second;
-    TORCH_CHECK(
-        t.numel() == channels,
-        name, " should contain ", channels, " elements not ", t.numel());
-    TORCH_CHECK(
-        t.device() == input.device(),
-        "batch_norm: expected ", name, " on the input's device ", input.device(),
-        ", but got ", name, " on ", t.device());
     const bool same = t.scalar_type() == input.scalar_type();
     const bool mixed = is_reduced_float(input.scalar_type()) && t.scalar_type() == at::kFloat;
     TORCH_CHECK(
@@ -72,6 +78,14 @@ void check_params(
         "batch_norm: expected running_mean, running_var, weight and bias of one dtype, but got ",
         first->first, " of dtype ", f.scalar_type(), " and ", name, " of dtype ", t.scalar_type());
   }
+  // torch fails to index dim 1 here: an IndexError, a RuntimeError for 0 dims.
+  TORCH_CHECK(
+      input.dim() > 0,
+      "batch_norm: expected an input of at least 2 dims (N, C, *), but got a 0-dim input");
+  TORCH_CHECK_INDEX(
+      input.dim() >= 2,
+      "batch_norm: expected an input of at least 2 dims (N, C, *), but got input of size ",
+      input.sizes(), " (", input.dim(), " dims)");
 }
 
 } // namespace
@@ -83,10 +97,13 @@ ChannelShape check_batch_norm_args(
     const std::optional<at::Tensor>& running_mean,
     const std::optional<at::Tensor>& running_var,
     bool training) {
-  check_input(input);
   const ChannelShape shape = channel_shape(input);
   // torch.nn.functional.batch_norm's own check (a ValueError), which counts
-  // values as N * spatial and lets an empty batch through.
+  // values as N * spatial and lets an empty batch through; it fails to
+  // index the size of a 0-dim input.
+  TORCH_CHECK_INDEX(
+      !training || input.dim() > 0,
+      "batch_norm: expected an input of at least 2 dims (N, C, *), but got a 0-dim input");
   TORCH_CHECK_VALUE(
       !training || shape.batch * shape.inner != 1,
       "Expected more than 1 value per channel when training, got input size torch.Size(",
@@ -99,7 +116,7 @@ ChannelShape check_batch_norm_args(
     TORCH_CHECK(running_mean.has_value(), "running_mean must be defined in evaluation mode");
     TORCH_CHECK(running_var.has_value(), "running_var must be defined in evaluation mode");
   }
-  check_params(
+  check_input_and_params(
       input, shape.channels,
       {{"running_mean", &running_mean}, {"running_var", &running_var}, {"weight", &weight},
        {"bias", &bias}});
@@ -110,9 +127,8 @@ ChannelShape check_batch_norm_affine_args(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias) {
-  check_input(input);
   const ChannelShape shape = channel_shape(input);
-  check_params(input, shape.channels, {{"weight", &weight}, {"bias", &bias}});
+  check_input_and_params(input, shape.channels, {{"weight", &weight}, {"bias", &bias}});
   return shape;
 }
 
@@ -156,6 +172,15 @@ at::MemoryFormat batch_norm_memory_format(const at::Tensor& input) {
     return at::MemoryFormat::ChannelsLast3d;
   }
   return at::MemoryFormat::Contiguous;
+}
+
+at::Tensor batch_norm_new_running_stat(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& running_stat,
+    const at::Tensor& new_stat_acc) {
+  if (!running_stat.has_value()) return new_stat_acc.to(input.scalar_type());
+  if (input.numel() == 0 && new_stat_acc.numel() != 0) return running_stat->reshape({-1}).clone();
+  return new_stat_acc.to(running_stat->scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_param_grads(

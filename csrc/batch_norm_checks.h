@@ -19,10 +19,11 @@ struct ChannelShape {
   int64_t inner;
 };
 
-// Checks a forward call: floating-point input of 2 to 5 dims; weight, bias,
-// running_mean and running_var (each optional) of shape [C] on the input's
-// device with an accepted dtype; in eval both running stats given; in training
-// more than one value per channel. Returns the channel shape.
+// Checks a forward call: floating-point input of 2 or more dims (N, C, *), or
+// an empty one; weight, bias, running_mean and running_var (each optional) of
+// C elements on the input's device with an accepted dtype (any dtype for an
+// empty input, as torch); in eval both running stats given; in training more
+// than one value per channel. Returns the channel shape.
 ChannelShape check_batch_norm_args(
     const at::Tensor& input,
     const std::optional<at::Tensor>& weight,
@@ -54,6 +55,16 @@ void check_batch_norm_backward_args(
 // Contiguous. Outputs (and grad_input) take the same memory format, and the
 // fake kernels apply the same rule.
 at::MemoryFormat batch_norm_memory_format(const at::Tensor& input);
+
+// A new running statistic as the forward returns it: the kernels' value
+// (accumulation type, shape [C], or [0] when not updated) in the running
+// statistic's dtype (the input's when there is none). An empty batch leaves
+// the statistic as it is, bit for bit, as torch does: it may be of a dtype
+// wider than the accumulation type, since torch accepts any for an empty input.
+at::Tensor batch_norm_new_running_stat(
+    const at::Tensor& input,
+    const std::optional<at::Tensor>& running_stat,
+    const at::Tensor& new_stat_acc);
 
 // The backward's weight and bias gradients, which the kernels sum in the
 // accumulation type, in the parameters' dtypes; one not wanted (or of an

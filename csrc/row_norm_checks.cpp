@@ -49,10 +49,11 @@ RowShape check_row_norm_args(
     at::IntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(
+  // torch raises NotImplementedError for integer inputs.
+  TORCH_CHECK_NOT_IMPLEMENTED(
       at::isFloatingType(input.scalar_type()),
-      op, ": expected a floating-point input (Float, Double, Half or BFloat16), but got input of dtype ",
-      input.scalar_type());
+      "\"", op, "\" not implemented for '", c10::toString(input.scalar_type()),
+      "': expected a floating-point input (Float, Double, Half or BFloat16)");
   TORCH_CHECK(
       !normalized_shape.empty(),
       op, ": Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
@@ -82,13 +83,6 @@ RowShape check_row_norm_args(
   int64_t rows = 1;
   for (auto d : stats_shape(input, normalized_shape)) rows *= d;
   return {rows, cols};
-}
-
-void check_eps(const char* op, double eps) {
-  TORCH_CHECK(
-      eps >= 0.0,
-      op, ": expected eps >= 0 (it is added to the variance inside the square root), but got eps=",
-      eps);
 }
 
 void check_row_norm_backward_args(

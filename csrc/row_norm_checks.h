@@ -27,11 +27,6 @@ RowShape check_row_norm_args(
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias);
 
-// Checks eps of a forward op: non-negative (and not NaN). torch accepts a
-// negative eps, which makes rows of small variance NaN or infinite; we
-// refuse it with a message.
-void check_eps(const char* op, double eps);
-
 // Checks a backward op's tensors against the forward input: grad_output of
 // the input's shape and dtype, statistics with one entry per row.
 void check_row_norm_backward_args(

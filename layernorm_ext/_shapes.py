@@ -33,7 +33,8 @@ def empty_unless(wanted: bool, like: torch.Tensor, shape) -> torch.Tensor:
 
 def check_same_device(op: str, input: torch.Tensor, **tensors) -> None:
     """The device check of the C++ ops, for calls that dispatch to a fake kernel
-    because one tensor is on the meta device while the input is not."""
+    because one tensor is on the meta device and another is not (the meta key
+    outranks the CPU's): without it they would return uninitialised memory."""
     for name, t in tensors.items():
         if t is not None and t.device != input.device:
             raise RuntimeError(

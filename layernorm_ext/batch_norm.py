@@ -12,7 +12,7 @@ check has passed, so a call that raises leaves the buffers as they were.
 import torch
 
 from ._eager import direct_calls
-from ._shapes import empty_unless, stats_dtype
+from ._shapes import check_same_device, empty_unless, stats_dtype
 
 _ops = torch.ops.layernorm_ext
 
@@ -27,7 +27,7 @@ def batch_norm(
     momentum=0.1,
     eps=1e-5,
 ):
-    """Batch normalization of an ``(N, C, *)`` input (2 to 5 dims), per channel.
+    """Batch normalization of an ``(N, C, *)`` input, per channel.
 
     Same contract as :func:`torch.nn.functional.batch_norm`: in training the
     input is normalized with its own per-channel mean and *biased* variance
@@ -142,20 +142,34 @@ def output_memory_format(input: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _channels(input):
+    """C of an (N, C, *) input; 0 for fewer dims, as the C++ checks count them."""
+    return input.shape[1] if input.dim() >= 2 else 0
+
+
 @torch.library.register_fake("layernorm_ext::batch_norm_forward")
 def _batch_norm_forward_fake(
     input, weight, bias, running_mean, running_var, training, momentum, eps
 ):
-    channels = input.shape[1]
+    check_same_device(
+        "batch_norm",
+        input,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
+    )
+    channels = _channels(input)
     dtype = stats_dtype(input.dtype)
     update = training and running_mean is not None
-    running_like = running_mean if running_mean is not None else input
     return (
         torch.empty_like(input, memory_format=output_memory_format(input)),
         input.new_empty((channels,), dtype=dtype),
         input.new_empty((channels,), dtype=dtype),
-        empty_unless(update, running_like, (channels,)),
-        empty_unless(update, running_like, (channels,)),
+        *(
+            empty_unless(update, stat if stat is not None else input, (channels,))
+            for stat in (running_mean, running_var)
+        ),
     )
 
 
@@ -163,7 +177,9 @@ def _batch_norm_forward_fake(
 def _batch_norm_backward_fake(
     grad_output, input, weight, bias, save_mean, save_rstd, training, output_mask
 ):
-    channels = input.shape[1]
+    check_same_device("batch_norm", input, weight=weight, bias=bias)
+    check_same_device("batch_norm_backward", input, grad_output=grad_output)
+    channels = _channels(input)
     weight_like = weight if weight is not None else input
     bias_like = bias if bias is not None else weight_like
     return (

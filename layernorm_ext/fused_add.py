@@ -13,7 +13,7 @@ returned ``s``) goes to both ``input`` and ``residual``.
 import torch
 
 from ._eager import direct_calls
-from ._shapes import as_normalized_shape, batch_shape, stats_dtype
+from ._shapes import as_normalized_shape, batch_shape, check_same_device, stats_dtype
 from .rms_norm import default_rms_eps
 
 _ops = torch.ops.layernorm_ext
@@ -57,6 +57,7 @@ def fused_add_rms_norm(input, residual, normalized_shape, weight=None, eps=None)
 
 @torch.library.register_fake("layernorm_ext::fused_add_layer_norm_forward")
 def _fused_add_layer_norm_forward_fake(input, residual, normalized_shape, weight, bias, eps):
+    check_same_device("fused_add_layer_norm", input, weight=weight, bias=bias, residual=residual)
     stats = batch_shape(input, normalized_shape)
     dtype = stats_dtype(input.dtype)
     return (
@@ -69,6 +70,7 @@ def _fused_add_layer_norm_forward_fake(input, residual, normalized_shape, weight
 
 @torch.library.register_fake("layernorm_ext::fused_add_rms_norm_forward")
 def _fused_add_rms_norm_forward_fake(input, residual, normalized_shape, weight, eps):
+    check_same_device("fused_add_rms_norm", input, weight=weight, residual=residual)
     stats = batch_shape(input, normalized_shape)
     return (
         input.new_empty(input.shape),

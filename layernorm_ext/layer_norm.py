@@ -64,6 +64,9 @@ def _layer_norm_forward_fake(input, normalized_shape, weight, bias, eps):
 def _layer_norm_backward_fake(
     grad_output, input, normalized_shape, mean, rstd, weight, bias, output_mask
 ):
+    check_same_device(
+        "layer_norm_backward", input, weight=weight, bias=bias, grad_output=grad_output
+    )
     weight_like = weight if weight is not None else input
     bias_like = bias if bias is not None else weight_like
     return (

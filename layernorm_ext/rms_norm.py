@@ -69,6 +69,7 @@ def _rms_norm_forward_fake(input, normalized_shape, weight, eps):
 
 @torch.library.register_fake("layernorm_ext::rms_norm_backward")
 def _rms_norm_backward_fake(grad_output, input, normalized_shape, rstd, weight, output_mask):
+    check_same_device("rms_norm_backward", input, weight=weight, grad_output=grad_output)
     weight_like = weight if weight is not None else input
     return (
         empty_unless(output_mask[0], input, input.shape),

@@ -436,6 +436,24 @@ def test_batch_norm_cpu_and_cuda_agree():
         torch.testing.assert_close(got.cpu(), ref, rtol=2e-5, atol=2e-5)
 
 
+# (0, 16) takes the channels-last kernels (one value per sample and channel).
+@pytest.mark.parametrize("shape", [(0, 16), (0, 16, 7), (8, 16, 0), (0, 16, 5, 3), (4, 16, 0, 3)])
+def test_batch_norm_empty_batch_in_training_matches_cpu_and_torch(shape):
+    """An empty batch normalizes nothing: mean 0, rstd 1 / sqrt(eps), and the
+    running stats stay as they were (torch's BatchNorm leaves them too)."""
+    x = torch.randn(shape)
+    args = (torch.randn(16), torch.randn(16), torch.randn(16), torch.rand(16) + 0.5)
+    cuda_out = _ops.batch_norm_forward(x.cuda(), *(a.cuda() for a in args), True, 0.1, 1e-5)
+    cpu_out = _ops.batch_norm_forward(x, *args, True, 0.1, 1e-5)
+    for got, ref in zip(cuda_out, cpu_out):
+        assert got.shape == ref.shape
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-6, atol=0)
+    rm, rv = args[2].clone(), args[3].clone()
+    F.batch_norm(x, rm, rv, args[0], args[1], training=True)
+    torch.testing.assert_close(cuda_out[3].cpu(), rm, rtol=0, atol=0)
+    torch.testing.assert_close(cuda_out[4].cpu(), rv, rtol=0, atol=0)
+
+
 def test_batch_norm_gradcheck_float64():
     x = torch.randn(3, 4, 5, 2, dtype=torch.float64, device="cuda", requires_grad=True)
     w = torch.randn(4, dtype=torch.float64, device="cuda", requires_grad=True)

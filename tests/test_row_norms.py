@@ -230,7 +230,7 @@ def test_opcheck_backward_ops():
 class TestErrors:
     @pytest.mark.parametrize("norm", NORMS, ids=repr)
     def test_integer_input(self, norm):
-        with pytest.raises(RuntimeError, match=r"expected a floating-point input .* got input of dtype Long"):
+        with pytest.raises(NotImplementedError, match=r"not implemented for 'Long': expected a floating-point input"):
             norm.ours(torch.arange(6).view(2, 3), (3,))
 
     @pytest.mark.parametrize("norm", NORMS, ids=repr)
@@ -261,10 +261,3 @@ class TestErrors:
     def test_weight_on_another_device(self, norm):
         with pytest.raises(RuntimeError, match=r"expected weight on the input's device cpu, but got weight on meta"):
             norm.ours(torch.randn(2, 3), (3,), torch.empty(3, device="meta"))
-
-    @pytest.mark.parametrize("norm", NORMS, ids=repr)
-    @pytest.mark.parametrize("eps", [-1e-5, float("nan")])
-    def test_negative_or_nan_eps(self, norm, eps):
-        params = (None, None) if norm.has_bias else (None,)
-        with pytest.raises(RuntimeError, match=r"expected eps >= 0 .* but got eps="):
-            norm.ours(torch.randn(2, 3), (3,), *params, eps=eps)

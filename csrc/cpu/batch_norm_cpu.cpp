@@ -62,11 +62,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
         update ? new_var.mutable_data_ptr<acc>() : nullptr, channel_layout(shape, format),
         training, momentum, eps});
   });
-  // The new running statistics in their own dtype (the input's when there
-  // are none, as the fake kernel says).
-  const auto running_dtype =
-      running_mean.has_value() ? running_mean->scalar_type() : x.scalar_type();
-  return {output, save_mean, save_rstd, new_mean.to(running_dtype), new_var.to(running_dtype)};
+  return {output, save_mean, save_rstd, batch_norm_new_running_stat(x, running_mean, new_mean),
+          batch_norm_new_running_stat(x, running_var, new_var)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(

@@ -21,7 +21,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_im
     const std::optional<at::Tensor>& bias,
     double eps) {
   const auto shape = check_row_norm_args(op, input, normalized_shape, weight, bias);
-  check_eps(op, eps);
   if (residual) check_residual(op, input, *residual);
   const auto x = input.contiguous();
   const auto res = optional_contiguous(residual);

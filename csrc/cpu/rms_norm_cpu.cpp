@@ -20,7 +20,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_forward_impl(
     const std::optional<at::Tensor>& weight,
     double eps) {
   const auto shape = check_row_norm_args(op, input, normalized_shape, weight, std::nullopt);
-  check_eps(op, eps);
   if (residual) check_residual(op, input, *residual);
   const auto x = input.contiguous();
   const auto res = optional_contiguous(residual);

@@ -215,16 +215,24 @@ __global__ void __launch_bounds__(kFinalizeThreads) training_stats_finalize_kern
        c += int64_t{gridDim.x} * blockDim.x) {
     Welford<acc> s{0, 0, 0};
     for (int64_t k = 0; k < splits; ++k) s = welford_merge(s, partials[c * splits + k]);
+    // An empty batch (no partials: s stays zero) has mean 0 and variance 0,
+    // and leaves the running stats as they are, as the CPU kernels and torch
+    // do; one value has no unbiased variance and leaves running_var.
     const acc count = static_cast<acc>(s.count);
-    const acc rstd = acc(1) / sqrt(s.m2 / count + eps);
+    const acc var = s.count > 0 ? s.m2 / count : acc(0);
+    const acc rstd = acc(1) / sqrt(var + eps);
     save_mean[c] = s.mean;
     save_rstd[c] = rstd;
     if (running_mean) {
-      new_running_mean[c] = momentum * s.mean + (acc(1) - momentum) * running_mean[c];
+      new_running_mean[c] = s.count > 0
+          ? momentum * s.mean + (acc(1) - momentum) * running_mean[c]
+          : running_mean[c];
     }
     if (running_var) {
-      const acc unbiased_var = s.m2 / (count - acc(1));
-      new_running_var[c] = momentum * unbiased_var + (acc(1) - momentum) * running_var[c];
+      const acc unbiased_var = s.count > 1 ? s.m2 / (count - acc(1)) : running_var[c];
+      new_running_var[c] = s.count > 0
+          ? momentum * unbiased_var + (acc(1) - momentum) * running_var[c]
+          : running_var[c];
     }
     coeffs[c] = {s.mean, weight ? rstd * weight[c] : rstd, bias ? bias[c] : acc(0), acc(0)};
   }

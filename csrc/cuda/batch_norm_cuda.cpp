@@ -15,14 +15,10 @@
 namespace layernorm_ext::cuda {
 namespace {
 
-BatchNormLayout layout_of(const at::Tensor& input, bool channels_last) {
-  const int64_t batch = input.size(0);
-  const int64_t channels = input.size(1);
-  int64_t inner = 1;
-  for (int64_t d = 2; d < input.dim(); ++d) inner *= input.size(d);
+BatchNormLayout layout_of(const ChannelShape& shape, bool channels_last) {
   // With one value per sample and channel, NCHW is an N x C matrix: the
   // channels-last kernels read it with coalesced rows.
-  return {batch, channels, inner, channels_last || inner == 1};
+  return {shape.batch, shape.channels, shape.inner, channels_last || shape.inner == 1};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_impl(
@@ -34,11 +30,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     bool training,
     double momentum,
     double eps) {
-  check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
+  const auto shape =
+      check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
-  const auto layout = layout_of(x, format != at::MemoryFormat::Contiguous);
+  const auto layout = layout_of(shape, format != at::MemoryFormat::Contiguous);
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_options = x.options().dtype(acc_type);
   const auto w = cpu::optional_contiguous_as(weight, acc_type);
@@ -71,13 +68,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
           current_stream()));
     }
   });
-  // New running statistics in the running statistics' own dtype (the
-  // input's when there are none, as on the CPU and in the fake kernel).
-  auto running_dtype = [&](const at::Tensor& t, const std::optional<at::Tensor>& like) {
-    return t.to(like.has_value() ? like->scalar_type() : input.scalar_type());
-  };
-  return {output, save_mean, save_rstd, running_dtype(new_mean, running_mean),
-          running_dtype(new_var, running_var)};
+  return {output, save_mean, save_rstd, batch_norm_new_running_stat(x, running_mean, new_mean),
+          batch_norm_new_running_stat(x, running_var, new_var)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_impl(
@@ -89,13 +81,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_impl(
     const at::Tensor& save_rstd,
     bool training,
     std::array<bool, 3> output_mask) {
-  check_batch_norm_affine_args(input, weight, bias);
+  const auto shape = check_batch_norm_affine_args(input, weight, bias);
   check_batch_norm_backward_args(grad_output, input, save_mean, save_rstd);
   const c10::cuda::CUDAGuard device_guard(input.device());
   const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
   const auto dy = grad_output.contiguous(format);
-  const auto layout = layout_of(x, format != at::MemoryFormat::Contiguous);
+  const auto layout = layout_of(shape, format != at::MemoryFormat::Contiguous);
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto acc_options = x.options().dtype(acc_type);
   const auto w = cpu::optional_contiguous_as(weight, acc_type);

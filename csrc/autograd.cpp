@@ -161,8 +161,8 @@ auto call_op(const c10::TypedOperatorHandle<Signature>& op, bool record, Args&&.
   return call_below_autograd(op, std::forward<Args>(args)...);
 }
 
-// torch 2.12 made Nodes intrusive_ptr targets (they were shared_ptr ones):
-// whichever pointer this torch has.
+// Recent torch releases hold Nodes by intrusive_ptr, earlier ones by
+// shared_ptr: whichever this torch's Node::getptr returns.
 using NodePtr = decltype(std::declval<Node&>().getptr());
 
 template <class T, class Ptr = NodePtr>
@@ -204,8 +204,9 @@ enum class NormKind { kLayerNorm, kRmsNorm, kBatchNorm };
 // torch._dynamo's compiled autograd calls a Node's backward as one function
 // of its incoming gradients and packed arguments: the saved tensors (swapped
 // for the graph's) and every field that shapes the computation, on which it
-// also keys its cache. Each Node lists its fields once, for packing and
-// unpacking: `fields(f, ...)` calls f on all of them, in order.
+// also keys its cache. Each Node's fields are listed once, in one order, for
+// the cache key, packing and unpacking (config_fields / forward_fields,
+// backward_config_fields / backward_fields call a function on all of them).
 
 // Fields as compiled autograd packs them: integers as int64, tensors as
 // optional ones (an absent parameter is an undefined tensor).

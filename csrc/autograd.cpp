@@ -28,11 +28,9 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
-#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <array>
-#include <atomic>
 #include <memory>
 #include <optional>
 #include <string>
@@ -42,6 +40,7 @@
 #include <vector>
 
 #include "autograd_formulas.h"
+#include "compiled_autograd_calls.h"
 
 namespace layernorm_ext {
 namespace {
@@ -53,6 +52,12 @@ using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 using torch::dynamo::autograd::CompiledNodeArgs;
 using torch::dynamo::autograd::SwapSavedVariables;
+using compiled_autograd_calls::call_in_graph;
+using compiled_autograd_calls::collect_fields;
+using compiled_autograd_calls::pack_fields;
+using compiled_autograd_calls::unpack_fields;
+using compiled_autograd_calls::wanted_edges;
+using compiled_autograd_calls::zeros_for_undefined;
 using Tensors2 = std::tuple<Tensor, Tensor>;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
@@ -197,97 +202,9 @@ void set_tangent(const Tensor& output, const Tensor& tangent) {
   if (tangent.defined()) output._set_fw_grad(tangent, /*level=*/0, /*is_inplace_op=*/false);
 }
 
-enum class NormKind { kLayerNorm, kRmsNorm, kBatchNorm };
-
-// ---- Compiled autograd -------------------------------------------------------
-//
-// torch._dynamo's compiled autograd calls a Node's backward as one function
-// of its incoming gradients and packed arguments: the saved tensors (swapped
-// for the graph's) and every field that shapes the computation, on which it
-// also keys its cache. Each Node's fields are listed once, in one order, for
-// the cache key, packing and unpacking (config_fields / forward_fields,
-// backward_config_fields / backward_fields call a function on all of them).
-
-// Fields as compiled autograd packs them: integers as int64, tensors as
-// optional ones (an absent parameter is an undefined tensor).
-template <class T>
-using Packed = std::conditional_t<
-    std::is_same_v<T, Tensor>, std::optional<Tensor>,
-    std::conditional_t<std::is_same_v<T, NormKind> || std::is_same_v<T, int>, int64_t, T>>;
-
-template <class T>
-T from_packed(Packed<T> value) {
-  if constexpr (std::is_same_v<T, Tensor>) {
-    return value.value_or(Tensor());
-  } else {
-    return static_cast<T>(std::move(value));
-  }
-}
-
-template <class... Fields>
-void collect_fields(CompiledNodeArgs& args, const Fields&... fields) {
-  (args.collect(static_cast<Packed<Fields>>(fields)), ...);
-}
-
-template <class... Fields>
-std::vector<c10::IValue> pack_fields(const Fields&... fields) {
-  torch::dynamo::autograd::PackedArgs packed;
-  (packed.pack(static_cast<Packed<Fields>>(fields)), ...);
-  return std::move(packed).vec();
-}
-
-template <class... Fields>
-void unpack_fields(const std::vector<c10::IValue>& args, Fields&... fields) {
-  torch::dynamo::autograd::PackedArgs packed(args);
-  ((fields = from_packed<Fields>(packed.unpack<Packed<Fields>>())), ...);
-}
-
-// Puts the call of `backward` on `args` (packed fields) into the graph.
-variable_list call_in_graph(
-    const Node& node,
-    SwapSavedVariables& swap,
-    torch::autograd::functional_apply_t backward,
-    const variable_list& grads,
-    const std::vector<c10::IValue>& args) {
-  std::vector<at::TypePtr> schema;
-  for (const auto& arg : args) {
-    schema.push_back(arg.isTensor() ? at::TensorType::get() : arg.type());
-  }
-  // Each binding needs a name of its own: a graph may hold several such
-  // nodes, and every compile binds anew.
-  static std::atomic<uint64_t> bindings{0};
-  const auto& compiler = torch::dynamo::autograd::getPyCompilerInterface();
-  const auto name = compiler->bind_function(
-      swap.get_py_compiler(), node.name() + std::to_string(bindings++), std::move(backward),
-      schema);
-  return compiler->call_function(
-      swap.get_py_compiler(), "apply_functional", name, grads, args,
-      torch::dynamo::autograd::IValuePacker<
-          std::vector<std::optional<torch::autograd::InputMetadata>>>::
-          pack(torch::dynamo::autograd::get_input_metadata(node.next_edges())));
-}
-
-// A compiled graph cannot skip an undefined gradient the way the engine does:
-// the wanted ones are zeros there, like the argument they are of.
-variable_list zeros_for_undefined(
-    variable_list grads, const std::vector<bool>& wanted, const std::vector<Tensor>& args) {
-  for (size_t i = 0; i < grads.size(); ++i) {
-    if (wanted[i] && !grads[i].defined()) grads[i] = at::zeros_like(args[i]);
-  }
-  return grads;
-}
-
-// Which of a Node's next edges want a gradient: while the graph is built, or
-// in the running backward.
-std::vector<bool> wanted_edges(const Node& node, bool in_task) {
-  std::vector<bool> wanted(node.num_outputs());
-  for (size_t i = 0; i < wanted.size(); ++i) {
-    wanted[i] = in_task ? node.task_should_compute_output(i) : node.should_compute_output(i);
-  }
-  return wanted;
-}
-
 // ---- Forward ops -----------------------------------------------------------
+
+enum class NormKind { kLayerNorm, kRmsNorm, kBatchNorm };
 
 // What a forward op's backward computes with, besides its saved tensors: the
 // kind of norm, whether it was fused with the residual add (the normalized

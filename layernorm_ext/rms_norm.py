@@ -8,6 +8,7 @@ autograd is C++ (csrc/autograd.cpp).
 import math
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from ._eager import direct_calls
 from ._row_norm_autograd import backward_of_backward
@@ -67,14 +68,19 @@ class RMSNorm(torch.nn.RMSNorm):
 def _rms_norm_forward_fake(input, normalized_shape, weight, eps):
     check_same_device("rms_norm", input, weight=weight)
     stats = batch_shape(input, normalized_shape)
-    return input.new_empty(input.shape), input.new_empty(stats, dtype=stats_dtype(input.dtype))
+    return (
+        torch.empty_like(input, memory_format=suggest_memory_format(input)),
+        input.new_empty(stats, dtype=stats_dtype(input.dtype)),
+    )
 
 
 @torch.library.register_fake("layernorm_ext::rms_norm_backward")
 def _rms_norm_backward_fake(grad_output, input, normalized_shape, rstd, weight, output_mask):
     weight_like = weight if weight is not None else input
     return (
-        empty_unless(output_mask[0], input, input.shape),
+        torch.empty_like(input, memory_format=suggest_memory_format(grad_output))
+        if output_mask[0]
+        else input.new_empty((0,)),
         empty_unless(output_mask[1] and weight is not None, weight_like, normalized_shape),
     )
 

@@ -42,10 +42,7 @@ def batch_norm(
     their weight, bias and running statistics may be float32. A
     channels-last input gives a channels-last output.
     """
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_eps(training, eps)
     args = (input, weight, bias, running_mean, running_var, training, float(momentum), float(eps))
     direct = direct_calls(input, weight, bias, running_mean, running_var)
     if direct is not None:
@@ -56,6 +53,15 @@ def batch_norm(
         _copy_into(running_mean, new_mean)
         _copy_into(running_var, new_var)
     return output
+
+
+def _check_eps(training: bool, eps: float) -> None:
+    """torch's eps checks of batch_norm (also compiled into the modules'
+    TorchScript forward)."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _copy_into(buffer, value):
@@ -118,6 +124,7 @@ def _module_batch_norm(
     else:
         factor = momentum
     if is_scripting():
+        _check_eps(training, eps)
         output, _, _, new_mean, new_var = torch.ops.layernorm_ext.batch_norm_forward(
             input, weight, bias, running_mean, running_var, training, factor, eps
         )

@@ -4,6 +4,7 @@ give the eager results (running statistics and counters included), and
 rms_norm / layer_norm outputs and input gradients have torch's strides."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -164,11 +165,26 @@ def test_script_batch_norm(case):
     assert_close_steps(expected, steps(theirs, case[2]))
 
 
-def test_script_batch_norm_checks_dims():
+def test_script_batch_norm_checks():
+    """The eager module's errors, raised before any buffer or counter changes."""
     scripted = torch.jit.script(layernorm_ext.BatchNorm2d(3))
     with pytest.raises(torch.jit.Error, match=r"expected 4D input \(got 3D input\)"):
         scripted(random(2, 3, 4))
-    assert scripted.num_batches_tracked.item() == 0
+    assert_same_state(scripted, torch.nn.BatchNorm2d(3))
+    scripted = torch.jit.script(layernorm_ext.BatchNorm2d(3, eps=0.0))
+    with pytest.raises(torch.jit.Error, match="eps must be positive during training"):
+        scripted(random(2, 3, 4, 4))
+    assert_same_state(scripted, torch.nn.BatchNorm2d(3))
+
+
+def test_script_save_load():
+    model = torch.nn.Sequential(randomized(layernorm_ext.RMSNorm(8)), randomized(layernorm_ext.BatchNorm1d(8)))
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(copy.deepcopy(model)), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    assert graph_ops(loaded) == {"layernorm_ext::rms_norm_forward", "layernorm_ext::batch_norm_forward"}
+    assert_same_steps(steps(loaded, (5, 8)), steps(model, (5, 8)))
 
 
 def test_script_module_containing_ours():

@@ -36,13 +36,16 @@ def randomized(module):
     return module
 
 
-def assert_same_state(actual, expected, keys=None):
-    """Same state_dict (or, given `keys`, the same values under those keys)."""
-    actual_state, expected_state = actual.state_dict(), expected.state_dict()
+def assert_equal_states(actual_state, expected_state, keys=None):
+    """Same keys and values (or, given `keys`, the same values under those keys)."""
     if keys is None:
         assert list(actual_state) == list(expected_state)
     for name in keys or expected_state:
         assert torch.equal(actual_state[name], expected_state[name]), name
+
+
+def assert_same_state(actual, expected, keys=None):
+    assert_equal_states(actual.state_dict(), expected.state_dict(), keys)
 
 
 def fx_state_keys(module, training):
@@ -56,8 +59,8 @@ def graph_ops(scripted):
     return {n.kind() for n in scripted.inlined_graph.nodes() if n.kind().startswith("layernorm_ext::")}
 
 
-# (our module, torch's module, input shape): our modules and the torch.nn
-# modules they replace, built with the same arguments.
+# (class name, arguments, input shape): the class is in layernorm_ext and,
+# the module ours replaces, in torch.nn.
 ROW_NORMS = [
     ("LayerNorm", dict(normalized_shape=8), (3, 5, 8)),
     ("LayerNorm", dict(normalized_shape=(5, 8), bias=False), (3, 5, 8)),
@@ -109,9 +112,7 @@ def steps(module, shape, training_steps=3):
 def assert_same_steps(actual, expected):
     for (out_a, state_a), (out_e, state_e) in zip(actual, expected, strict=True):
         assert torch.equal(out_a, out_e)
-        assert list(state_a) == list(state_e)
-        for name in state_e:
-            assert torch.equal(state_a[name], state_e[name]), name
+        assert_equal_states(state_a, state_e)
 
 
 def assert_close_steps(actual, expected):

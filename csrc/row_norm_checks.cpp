@@ -38,6 +38,10 @@ at::ScalarType accumulate_type(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+at::MemoryFormat rms_norm_memory_format(const at::Tensor& t) {
+  return t.suggest_memory_format();
+}
+
 std::vector<int64_t> stats_shape(const at::Tensor& input, at::IntArrayRef normalized_shape) {
   const auto batch_dims = input.dim() - static_cast<int64_t>(normalized_shape.size());
   return std::vector<int64_t>(input.sizes().begin(), input.sizes().begin() + batch_dims);

@@ -39,6 +39,14 @@ void check_row_norm_backward_args(
 // The shape of per-row statistics: the input's leading (batch) dims.
 std::vector<int64_t> stats_shape(const at::Tensor& input, at::IntArrayRef normalized_shape);
 
+// The memory format of rms_norm_forward's output, from the input, and of
+// rms_norm_backward's grad_input, from grad_output: torch's rms_norm keeps a
+// channels_last or channels_last_3d layout (Tensor::suggest_memory_format)
+// and makes anything else contiguous. The fake kernels apply the same rule
+// (torch._prims_common.suggest_memory_format). LayerNorm's outputs are
+// contiguous, as torch's are.
+at::MemoryFormat rms_norm_memory_format(const at::Tensor& t);
+
 // Accumulation dtype of an input dtype: float64 stays float64, the rest float32.
 at::ScalarType accumulate_type(at::ScalarType input_dtype);
 

@@ -6,6 +6,8 @@ torch ops under ``torch.ops.layernorm_ext`` (autograd, torch.compile and
 fake tensors supported).
 """
 
+from torch.fx import wrap as _fx_wrap
+
 from ._loader import build_info, ensure_loaded, load_jit
 
 ensure_loaded()
@@ -18,6 +20,14 @@ from .layer_norm import LayerNorm, layer_norm  # noqa: E402
 from .rms_norm import RMSNorm, rms_norm  # noqa: E402
 from .sync_batch_norm import SyncBatchNorm  # noqa: E402
 from . import _vmap  # noqa: E402,F401  (the ops' batching rules)
+
+# torch.fx.symbolic_trace records the functional wrappers as calls when
+# traced code reaches them through the package (layernorm_ext.rms_norm(...));
+# fx.wrap applies to the names in one module's globals, and the modules'
+# forward reach them through their own module's (see layer_norm.py).
+for _name in ("batch_norm", "fused_add_layer_norm", "fused_add_rms_norm", "layer_norm", "rms_norm"):
+    _fx_wrap(_name)
+del _name
 
 __version__ = "0.1.0"
 

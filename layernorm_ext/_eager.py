@@ -20,6 +20,11 @@ _direct = ensure_loaded().eager
 _has_torch_function = torch._C._has_torch_function
 _is_compiling = torch.compiler.is_compiling
 
+# The modules' forward branches on this to call torch.ops in TorchScript,
+# which compiles only that branch (it sees an aten::is_scripting call, under
+# any name). One lookup less per eager call than torch.jit.is_scripting().
+is_scripting = torch.jit.is_scripting
+
 
 def direct_calls(*tensors):
     """The extension's direct calls when they may serve a call with these

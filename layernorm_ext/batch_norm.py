@@ -9,9 +9,11 @@ statistics and :func:`batch_norm` copies them into the buffers, after every
 check has passed, so a call that raises leaves the buffers as they were.
 """
 
+from typing import List, Optional
+
 import torch
 
-from ._eager import direct_calls
+from ._eager import direct_calls, is_scripting
 from ._shapes import check_same_device, empty_unless, stats_dtype
 
 _ops = torch.ops.layernorm_ext
@@ -39,10 +41,7 @@ def batch_norm(
     their weight, bias and running statistics may be float32. A
     channels-last input gives a channels-last output.
     """
-    if training and eps <= 0.0:
-        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    if eps < 0.0:
-        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    _check_eps(training, eps)
     args = (input, weight, bias, running_mean, running_var, training, float(momentum), float(eps))
     direct = direct_calls(input, weight, bias, running_mean, running_var)
     if direct is not None:
@@ -53,6 +52,15 @@ def batch_norm(
         _copy_into(running_mean, new_mean)
         _copy_into(running_var, new_var)
     return output
+
+
+def _check_eps(training: bool, eps: float) -> None:
+    """torch's eps checks of batch_norm (also compiled into the modules'
+    TorchScript forward)."""
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _copy_into(buffer, value):
@@ -69,33 +77,79 @@ def _copy_into(buffer, value):
         buffer.copy_(value)
 
 
-def _batch_norm_module_forward(self, input):
+def _batch_norm_module_forward(self, input: torch.Tensor) -> torch.Tensor:
     """torch.nn's _BatchNorm.forward, except that the counter and the running
     statistics change only after the op has run (and so after every check)."""
     self._check_input_dim(input)
-    tracking = self.training and self.track_running_stats and self.num_batches_tracked is not None
-    if self.momentum is None:
-        # Cumulative moving average over the batches seen, this one included.
-        factor = 1.0 / float(self.num_batches_tracked + 1) if tracking else 0.0
-    else:
-        factor = self.momentum
     # Batch statistics normalize in training, and in eval without buffers;
     # the buffers are passed when they are read (eval) or updated (tracking).
     use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
     pass_buffers = not self.training or self.track_running_stats
-    output = batch_norm(
+    return _module_batch_norm(
         input,
         self.running_mean if pass_buffers else None,
         self.running_var if pass_buffers else None,
         self.weight,
         self.bias,
+        self.num_batches_tracked if self.training and self.track_running_stats else None,
         use_batch_stats,
-        factor,
+        self.momentum,
         self.eps,
     )
-    if tracking:
-        self.num_batches_tracked.add_(1)
+
+
+def _module_batch_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    num_batches_tracked: Optional[torch.Tensor],
+    training: bool,
+    momentum: Optional[float],
+    eps: float,
+) -> torch.Tensor:
+    """batch_norm for the modules: ``num_batches_tracked``, when given, counts
+    the call (after it ran), and ``momentum=None`` then averages over the
+    batches counted, this one included.
+
+    A function of the module's tensors, for torch.fx.symbolic_trace, which
+    records it as one call: traced, the modules' forward would read and
+    increment the counter at trace time (fx does not trace buffers read from
+    the module, only those passed to a call). TorchScript compiles it, with
+    the op called through torch.ops (the direct calls are not scriptable)."""
+    if momentum is None:
+        factor = 0.0 if num_batches_tracked is None else 1.0 / (num_batches_tracked.item() + 1)
+    else:
+        factor = momentum
+    if is_scripting():
+        _check_eps(training, eps)
+        output, _, _, new_mean, new_var = torch.ops.layernorm_ext.batch_norm_forward(
+            input, weight, bias, running_mean, running_var, training, factor, eps
+        )
+        if training and running_mean is not None and running_var is not None:
+            with torch.no_grad():
+                running_mean.copy_(new_mean.view_as(running_mean))
+                running_var.copy_(new_var.view_as(running_var))
+    else:
+        output = batch_norm(input, running_mean, running_var, weight, bias, training, factor, eps)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     return output
+
+
+torch.fx.wrap("_module_batch_norm")
+
+
+def _check_input_dims(input: torch.Tensor, dims: List[int], expected: str) -> None:
+    """torch.nn.BatchNorm1d/2d/3d's input check (the same ValueError), as a
+    function: torch.fx.symbolic_trace records the call (a traced tensor's
+    number of dims is unknown while tracing), TorchScript compiles it."""
+    if input.dim() not in dims:
+        raise ValueError("expected {} input (got {}D input)".format(expected, input.dim()))
+
+
+torch.fx.wrap("_check_input_dims")
 
 
 class BatchNorm1d(torch.nn.BatchNorm1d):
@@ -111,6 +165,9 @@ class BatchNorm1d(torch.nn.BatchNorm1d):
 
     forward = _batch_norm_module_forward
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        _check_input_dims(input, [2, 3], "2D or 3D")
+
 
 class BatchNorm2d(torch.nn.BatchNorm2d):
     """Drop-in for :class:`torch.nn.BatchNorm2d` (``(N, C, H, W)`` input), computed by
@@ -119,6 +176,9 @@ class BatchNorm2d(torch.nn.BatchNorm2d):
 
     forward = _batch_norm_module_forward
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        _check_input_dims(input, [4], "4D")
+
 
 class BatchNorm3d(torch.nn.BatchNorm3d):
     """Drop-in for :class:`torch.nn.BatchNorm3d` (``(N, C, D, H, W)`` input), computed
@@ -126,6 +186,9 @@ class BatchNorm3d(torch.nn.BatchNorm3d):
     ``torch.channels_last_3d`` input gives a channels-last-3d output."""
 
     forward = _batch_norm_module_forward
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        _check_input_dims(input, [5], "5D")
 
 
 def output_memory_format(input: torch.Tensor) -> torch.memory_format:

@@ -7,7 +7,7 @@ ops' autograd (reverse and forward mode, any order) is C++
 
 import torch
 
-from ._eager import direct_calls
+from ._eager import direct_calls, is_scripting
 from ._shapes import (
     as_normalized_shape,
     batch_shape,
@@ -36,15 +36,26 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
     return output
 
 
+# torch.fx.symbolic_trace records calls to layer_norm (from LayerNorm.forward)
+# as calls, as it records torch.nn.functional.layer_norm.
+torch.fx.wrap("layer_norm")
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for :class:`torch.nn.LayerNorm`, computed by layernorm_ext's kernels.
 
     Same arguments, defaults, parameters (``weight``, ``bias``), initialisation,
     ``state_dict`` keys and ``repr``; it is a subclass of torch.nn.LayerNorm, so
     code that checks ``isinstance(m, torch.nn.LayerNorm)`` keeps working.
+    torch.jit.script compiles it to a call of the
+    ``layernorm_ext::layer_norm_forward`` op.
     """
 
-    def forward(self, input):
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if is_scripting():
+            return torch.ops.layernorm_ext.layer_norm_forward(
+                input, self.normalized_shape, self.weight, self.bias, self.eps
+            )[0]
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 

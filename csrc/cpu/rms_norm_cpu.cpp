@@ -47,7 +47,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cpu(
     double eps) {
   auto [output, sum, rstd] =
       rms_norm_forward_impl("rms_norm", input, std::nullopt, normalized_shape, weight, eps);
-  return {output, rstd};
+  return {in_memory_format(output, rms_norm_memory_format(input)), rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_forward_cpu(
@@ -88,6 +88,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(
         want_weight ? grad_weight.mutable_data_ptr<acc>() : nullptr, nullptr,
         partials.mutable_data_ptr<acc>(), shape.rows, shape.cols});
   });
+  if (output_mask[0]) grad_input = in_memory_format(grad_input, rms_norm_memory_format(grad_output));
   // Summed in acc_t, returned in the weight's dtype (the input's when empty).
   return {grad_input, grad_weight.to(weight ? weight->scalar_type() : x.scalar_type())};
 }

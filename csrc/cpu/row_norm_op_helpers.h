@@ -4,6 +4,7 @@
 #pragma once
 
 #include "../row_norm_checks.h"
+#include "output_cache.h"
 #include "row_norm_kernels.h"
 
 #include <ATen/ATen.h>
@@ -19,6 +20,16 @@ inline at::Tensor param_as_acc(
     const std::optional<at::Tensor>& param, int64_t cols, at::ScalarType acc_type, double fill) {
   if (param.has_value()) return param->to(acc_type).contiguous();
   return at::full({cols}, fill, at::TensorOptions().dtype(acc_type));
+}
+
+// A row kernel's contiguous output `t` laid out in `format`: `t` itself for
+// Contiguous, else a copy with the strides at::empty gives for `format` (in
+// a cached block; `t`'s returns to the cache), which the fake kernels give.
+inline at::Tensor in_memory_format(const at::Tensor& t, at::MemoryFormat format) {
+  if (format == at::MemoryFormat::Contiguous) return t;
+  auto relaid = empty_output(t.sizes(), t.options(), format);
+  relaid.copy_(t);
+  return relaid;
 }
 
 // Scratch for the block partial rows of the weight/bias gradients (see

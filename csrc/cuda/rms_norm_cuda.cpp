@@ -11,6 +11,13 @@
 namespace layernorm_ext::cuda {
 namespace {
 
+// A kernel's contiguous output `t` laid out in `format` (see the CPU ops'
+// in_memory_format): `t` itself for Contiguous, else a copy.
+at::Tensor in_memory_format(const at::Tensor& t, at::MemoryFormat format) {
+  if (format == at::MemoryFormat::Contiguous) return t;
+  return at::empty(t.sizes(), t.options().memory_format(format)).copy_(t);
+}
+
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(
     const at::Tensor& input,
     at::IntArrayRef normalized_shape,
@@ -33,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(
             cuda_mutable_data<T>(output), static_cast<acc*>(nullptr), rstd.mutable_data_ptr<acc>(),
             shape.rows, shape.cols, eps, current_stream())));
       });
-  return {output, rstd};
+  return {in_memory_format(output, rms_norm_memory_format(input)), rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(
@@ -71,6 +78,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(
             static_cast<cuda_t<P>*>(nullptr), workspace.mutable_data_ptr<acc>(), shape.rows,
             shape.cols, current_stream())));
       });
+  if (output_mask[0]) grad_input = in_memory_format(grad_input, rms_norm_memory_format(grad_output));
   return {grad_input, grad_weight};
 }
 

@@ -63,6 +63,7 @@ using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 using Tensors4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
 using Tensors5 = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
 namespace formulas = autograd_formulas;
+using formulas::add_defined;
 
 // The ops' C++ signatures (csrc/ops.cpp has their schemas), with SymInt sizes.
 using LayerNormForward = Tensors3(
@@ -181,12 +182,6 @@ Ptr make_node() {
 
 OptionalTensor optional_if_defined(const Tensor& t) {
   return t.defined() ? OptionalTensor(t) : std::nullopt;
-}
-
-Tensor add_defined(const Tensor& a, const Tensor& b) {
-  if (!a.defined()) return b;
-  if (!b.defined()) return a;
-  return a + b;
 }
 
 // The backward ops return [0]-shaped tensors for the gradients not asked

@@ -5,13 +5,6 @@ namespace {
 
 using at::Tensor;
 
-// An undefined tensor stands for zero.
-Tensor add_defined(const Tensor& a, const Tensor& b) {
-  if (!a.defined()) return b;
-  if (!b.defined()) return a;
-  return a + b;
-}
-
 Tensor or_zeros(const Tensor& t, const Tensor& like) {
   return t.defined() ? t.to(like.scalar_type()) : at::zeros_like(like);
 }
@@ -51,6 +44,12 @@ struct Normalized {
 
 }  // namespace
 
+Tensor add_defined(const Tensor& a, const Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a + b;
+}
+
 Groups Groups::rows(int64_t dim, int64_t normalized_dims) {
   Groups groups;
   for (int64_t d = 0; d < dim; ++d) {
@@ -87,6 +86,12 @@ Tensor Groups::group_mean(const Tensor& t) const {
   return group_dims.empty() ? t : t.mean(group_dims);
 }
 
+c10::SymInt Groups::count(const Tensor& input) const {
+  c10::SymInt count = 1;
+  for (const int64_t d : group_dims) count = count * input.sym_size(d);
+  return count;
+}
+
 Tensor Groups::group_sum(const Tensor& t) const {
   return sum_over(t, group_dims);
 }
@@ -104,15 +109,13 @@ Tensor statistics_gradient(
     const Tensor& grad_rstd) {
   if (!grad_mean.defined() && !grad_rstd.defined()) return Tensor();
   const auto& groups = norm.groups;
-  c10::SymInt count = 1;
-  for (const int64_t d : groups.group_dims) count = count * input.sym_size(d);
   const auto x = input.to(rstd.scalar_type());
   // The rstd term has the input's shape; the mean term only broadcasts to it.
   auto grad = grad_rstd.defined()
       ? groups.stat(-grad_rstd * rstd.pow(3)) * (mean.defined() ? x - groups.stat(mean) : x)
       : at::zeros_like(x);
   if (grad_mean.defined()) grad = grad + groups.stat(grad_mean);
-  return grad.div(c10::Scalar(count)).to(input.scalar_type());
+  return grad.div(c10::Scalar(groups.count(input))).to(input.scalar_type());
 }
 
 ForwardTangents forward_tangents(
@@ -173,17 +176,16 @@ std::array<Tensor, 5> backward_gradients(
     d_g = gx;
     d_rstd = groups.group_sum(gx * g);
     if (norm.batch_stats) {
-      c10::SymInt count = 1;
-      for (const int64_t d : groups.group_dims) count = count * saved.input.sym_size(d);
+      const c10::Scalar count(groups.count(saved.input));
       const auto b = groups.group_mean(g * n.xhat);
       const auto s2 = groups.group_mean(gx * n.xhat);
       d_g = d_g - n.xhat * groups.stat(s2);
       d_xhat = -(g * groups.stat(s2) + groups.stat(b) * gx) * n.rstd;
-      d_rstd = d_rstd - (b * s2).mul(c10::Scalar(count));
+      d_rstd = d_rstd - (b * s2).mul(count);
       if (norm.center) {
         const auto s1 = groups.group_mean(gx);
         d_g = d_g - groups.stat(s1);
-        d_rstd = d_rstd - (groups.group_mean(g) * s1).mul(c10::Scalar(count));
+        d_rstd = d_rstd - (groups.group_mean(g) * s1).mul(count);
       }
     }
     d_g = d_g * n.rstd;

@@ -37,6 +37,8 @@ struct Groups {
   at::Tensor stat(const at::Tensor& stat) const;
   // A parameter (or its gradient) broadcast against the input.
   at::Tensor param(const at::Tensor& param) const;
+  // The number of elements of each group of `input`.
+  c10::SymInt count(const at::Tensor& input) const;
   // Means and sums over each group: statistic-shaped.
   at::Tensor group_mean(const at::Tensor& t) const;
   at::Tensor group_sum(const at::Tensor& t) const;
@@ -48,6 +50,9 @@ struct Groups {
   int64_t stat_unit_dims = 0;       // unit dims appended to a statistic to broadcast it
   bool per_channel = false;         // BatchNorm's parameters: one element per channel
 };
+
+// a + b, where an undefined tensor stands for zero (undefined if both are).
+at::Tensor add_defined(const at::Tensor& a, const at::Tensor& b);
 
 // How a norm's statistics were computed: from the batch (every row norm,
 // BatchNorm in training) or given (BatchNorm eval, from the running

@@ -9,7 +9,8 @@
 // This is what torch.func's transforms need: they run autograd kernels on
 // their wrapped tensors level by level, which works for Nodes recorded this
 // way and refuses C++ autograd::Functions; vmap's batching rules are
-// registered from Python (layernorm_ext/_vmap.py).
+// registered from Python (layernorm_ext/_vmap.py). Under compiled autograd
+// each Node's backward is one call in the graph (compiled_autograd_calls.h).
 //
 // The forward ops' Nodes call the backward ops (the fast kernels), plus the
 // input's gradient through the returned statistics; the backward ops' Nodes

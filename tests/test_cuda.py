@@ -526,3 +526,33 @@ def test_batch_norm_opcheck(channels_last, training):
             _ops.batch_norm_backward.default,
             (dy, x.detach(), w.detach(), b.detach(), mean, rstd, training, mask),
         )
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "rms_norm", "batch_norm"])
+def test_transforms_on_cuda_match_cpu(name):
+    """Forward AD, torch.func.grad/vmap/hessian on CUDA tensors give the CPU's
+    results (tests/test_transforms.py checks the CPU against torch)."""
+    from torch.func import grad, hessian, jvp, vmap
+
+    fn = {
+        "layer_norm": lambda x, w: layernorm_ext.layer_norm(x, (5,), w, w.flip(0)),
+        "rms_norm": lambda x, w: layernorm_ext.rms_norm(x, (5,), w),
+        "batch_norm": lambda x, w: layernorm_ext.batch_norm(x, None, None, w, w.flip(0), True),
+    }[name]
+    loss = lambda x, w: fn(x, w).sin().sum()  # noqa: E731
+    x = torch.randn(4, 5, dtype=torch.float64)
+    w = torch.randn(5, dtype=torch.float64)
+    dx = torch.randn(4, 5, dtype=torch.float64)
+    batched = torch.randn(3, 4, 5, dtype=torch.float64)
+
+    def results(device):
+        args = (x.to(device), w.to(device))
+        return (
+            jvp(fn, args, (dx.to(device), torch.zeros_like(args[1])))[1],
+            *grad(loss, (0, 1))(*args),
+            vmap(fn, (0, None))(batched.to(device), args[1]),
+            hessian(loss)(*args),
+        )
+
+    for got, ref in zip(results("cuda"), results("cpu")):
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-9, atol=1e-10)

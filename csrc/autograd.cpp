@@ -315,6 +315,12 @@ variable_list forward_op_gradients_packed(
 // next edges are (input, [residual], weight, bias): an absent parameter (and
 // RMSNorm's bias) has an invalid edge.
 struct NormForwardNode : Node {
+  // The saved variables, listed once (const or not, as the node is).
+  template <class Self>
+  static auto saved_variables(Self& self) {
+    return std::array{&self.normalized_, &self.weight_, &self.bias_, &self.mean_, &self.rstd_};
+  }
+
   std::string name() const override {
     switch (config.kind) {
       case NormKind::kLayerNorm:
@@ -328,7 +334,7 @@ struct NormForwardNode : Node {
   }
 
   void release_variables() override {
-    for (auto* v : {&normalized_, &weight_, &bias_, &mean_, &rstd_}) v->reset_data();
+    for (auto* v : saved_variables(*this)) v->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -347,13 +353,13 @@ struct NormForwardNode : Node {
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& swap) override {
     swap.before(config.normalized_shape);
-    for (auto* v : {&normalized_, &weight_, &bias_, &mean_, &rstd_}) swap.before(*v);
+    for (auto* v : saved_variables(*this)) swap.before(*v);
     auto saved = unpack();
     auto wanted = wanted_edges(*this, true);
     std::vector<c10::IValue> args;
     forward_fields(config, saved, wanted, [&](const auto&... fields) { args = pack_fields(fields...); });
     auto result = call_in_graph(*this, swap, forward_op_gradients_packed, grads, args);
-    for (auto* v : {&normalized_, &weight_, &bias_, &mean_, &rstd_}) swap.after(*v);
+    for (auto* v : saved_variables(*this)) swap.after(*v);
     swap.after(config.normalized_shape);
     return result;
   }
@@ -607,10 +613,16 @@ variable_list backward_op_gradients_packed(
 // The grad_fn of a backward op's outputs (grad_input, grad_weight,
 // [grad_bias]), whose next edges are the op's tensor arguments.
 struct NormBackwardNode : Node {
+  // The saved variables, listed once (const or not, as the node is).
+  template <class Self>
+  static auto saved_variables(Self& self) {
+    return std::array{&self.grad_output_, &self.input_, &self.mean_, &self.rstd_, &self.weight_};
+  }
+
   std::string name() const override { return name_; }
 
   void release_variables() override {
-    for (auto* v : saved_variables()) v->reset_data();
+    for (auto* v : saved_variables(*this)) v->reset_data();
   }
 
   variable_list apply(variable_list&& grads) override {
@@ -618,28 +630,24 @@ struct NormBackwardNode : Node {
   }
 
   void compiled_args(CompiledNodeArgs& args) const override {
-    for (const auto* v : {&grad_output_, &input_, &mean_, &rstd_, &weight_}) args.collect(*v, false);
+    for (const auto* v : saved_variables(*this)) args.collect(*v, false);
     backward_config_fields(config, [&](const auto&... fields) { collect_fields(args, fields...); });
   }
 
   variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& swap) override {
-    for (auto* v : saved_variables()) swap.before(*v);
+    for (auto* v : saved_variables(*this)) swap.before(*v);
     auto saved = unpack();
     auto wanted = wanted_edges(*this, true);
     std::vector<c10::IValue> args;
     backward_fields(config, saved, wanted, [&](const auto&... fields) { args = pack_fields(fields...); });
     auto result = call_in_graph(*this, swap, backward_op_gradients_packed, grads, args);
-    for (auto* v : saved_variables()) swap.after(*v);
+    for (auto* v : saved_variables(*this)) swap.after(*v);
     return result;
   }
 
   formulas::BackwardInputs unpack() const {
     return {grad_output_.unpack(), input_.unpack(), mean_.unpack(), rstd_.unpack(),
             weight_.unpack()};
-  }
-
-  std::array<SavedVariable*, 5> saved_variables() {
-    return {&grad_output_, &input_, &mean_, &rstd_, &weight_};
   }
 
   std::string name_;

@@ -184,14 +184,14 @@ cudaError_t launch_reduce(
   if (layout.channels_last) {
     const dim3 grid(static_cast<unsigned>((layout.channels + kTileCols - 1) / kTileCols),
                     static_cast<unsigned>(splits));
-    channel_reduce_channels_last_kernel<<<grid, dim3(kTileCols, kTileRows), 0, stream>>>(
+    return launch(
+        channel_reduce_channels_last_kernel<Reducer>, grid, dim3(kTileCols, kTileRows), 0, stream,
         reducer, partials, values, layout.channels, split_values);
-  } else {
-    const dim3 grid(static_cast<unsigned>(layout.channels), static_cast<unsigned>(splits));
-    channel_reduce_nchw_kernel<<<grid, kReduceThreads, 0, stream>>>(
-        reducer, partials, layout.batch, layout.channels, layout.inner, split_values);
   }
-  return cudaGetLastError();
+  const dim3 grid(static_cast<unsigned>(layout.channels), static_cast<unsigned>(splits));
+  return launch(
+      channel_reduce_nchw_kernel<Reducer>, grid, kReduceThreads, 0, stream, reducer, partials,
+      layout.batch, layout.channels, layout.inner, split_values);
 }
 
 // One thread a channel from here on: [C]-sized work.
@@ -335,9 +335,9 @@ cudaError_t launch_apply(
   auto run = [&](auto kernel, int vec) {
     const int64_t packs = numel / vec;
     const int64_t blocks = std::min((packs + kApplyThreads - 1) / kApplyThreads, kMaxGridBlocks);
-    kernel<<<blocks, kApplyThreads, 0, stream>>>(
-        input, grad_output, coeffs, out, numel, layout.channels, layout.inner);
-    return cudaGetLastError();
+    return launch(
+        kernel, blocks, kApplyThreads, 0, stream, input, grad_output, coeffs, out, numel,
+        layout.channels, layout.inner);
   };
   if (layout.channels_last) {
     return vectorized ? run(channel_apply_kernel<T, kVec, true, kBackward>, kVec)
@@ -385,11 +385,11 @@ cudaError_t batch_norm_forward_training_cuda(
   auto* coeffs = workspace_coeffs<T>(workspace);
   cudaError_t err = launch_reduce(StatsReducer<T>{input}, partials, layout, splits, stream);
   if (err != cudaSuccess) return err;
-  training_stats_finalize_kernel<acc><<<finalize_blocks(layout.channels), kFinalizeThreads, 0, stream>>>(
-      partials, splits, weight, bias, running_mean, running_var, save_mean, save_rstd,
+  err = launch(
+      training_stats_finalize_kernel<acc>, finalize_blocks(layout.channels), kFinalizeThreads, 0,
+      stream, partials, splits, weight, bias, running_mean, running_var, save_mean, save_rstd,
       new_running_mean, new_running_var, coeffs, layout.channels, static_cast<acc>(momentum),
       static_cast<acc>(eps));
-  err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return launch_apply<false>(input, static_cast<const T*>(nullptr), coeffs, output, layout, stream);
 }
@@ -402,10 +402,10 @@ cudaError_t batch_norm_forward_eval_cuda(
   using acc = acc_t<T>;
   if (layout.channels == 0) return cudaSuccess;
   auto* coeffs = workspace_coeffs<T>(workspace);
-  eval_stats_kernel<acc><<<finalize_blocks(layout.channels), kFinalizeThreads, 0, stream>>>(
+  const cudaError_t err = launch(
+      eval_stats_kernel<acc>, finalize_blocks(layout.channels), kFinalizeThreads, 0, stream,
       weight, bias, running_mean, running_var, save_mean, save_rstd, coeffs, layout.channels,
       static_cast<acc>(eps));
-  const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return launch_apply<false>(input, static_cast<const T*>(nullptr), coeffs, output, layout, stream);
 }
@@ -425,10 +425,10 @@ cudaError_t batch_norm_backward_cuda(
       GradReducer<T>{grad_output, input, save_mean, save_rstd}, partials, layout, splits, stream);
   if (err != cudaSuccess) return err;
   const int64_t count = layout.batch * layout.inner;
-  grad_finalize_kernel<acc><<<finalize_blocks(layout.channels), kFinalizeThreads, 0, stream>>>(
+  err = launch(
+      grad_finalize_kernel<acc>, finalize_blocks(layout.channels), kFinalizeThreads, 0, stream,
       partials, splits, weight, save_mean, save_rstd, training, grad_weight, grad_bias, coeffs,
       layout.channels, count > 0 ? acc(1) / static_cast<acc>(count) : acc(0));
-  err = cudaGetLastError();
   if (err != cudaSuccess || !grad_input) return err;
   return launch_apply<true>(input, grad_output, coeffs, grad_input, layout, stream);
 }

@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     double eps) {
   const auto shape =
       check_batch_norm_args(input, weight, bias, running_mean, running_var, training);
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DeviceGuard device_guard(input.device());
   const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
   const auto layout = layout_of(shape, format != at::MemoryFormat::Contiguous);
@@ -54,14 +54,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
     using acc = cpu::acc_t<T>;
     auto workspace = at::empty({batch_norm_workspace_bytes<cuda_t<T>>(layout)}, x.options().dtype(at::kByte));
     if (training) {
-      C10_CUDA_CHECK(batch_norm_forward_training_cuda<cuda_t<T>>(
+      LAYERNORM_EXT_CUDA_CHECK(batch_norm_forward_training_cuda<cuda_t<T>>(
           cuda_data<T>(x), cpu::optional_data<acc>(w), cpu::optional_data<acc>(b), cpu::optional_data<acc>(rm),
           cpu::optional_data<acc>(rv), cuda_mutable_data<T>(output), save_mean.mutable_data_ptr<acc>(),
           save_rstd.mutable_data_ptr<acc>(), update_mean ? new_mean.mutable_data_ptr<acc>() : nullptr,
           update_var ? new_var.mutable_data_ptr<acc>() : nullptr, momentum, eps, layout,
           workspace.mutable_data_ptr(), current_stream()));
     } else {
-      C10_CUDA_CHECK(batch_norm_forward_eval_cuda<cuda_t<T>>(
+      LAYERNORM_EXT_CUDA_CHECK(batch_norm_forward_eval_cuda<cuda_t<T>>(
           cuda_data<T>(x), cpu::optional_data<acc>(w), cpu::optional_data<acc>(b), cpu::optional_data<acc>(rm),
           cpu::optional_data<acc>(rv), cuda_mutable_data<T>(output), save_mean.mutable_data_ptr<acc>(),
           save_rstd.mutable_data_ptr<acc>(), eps, layout, workspace.mutable_data_ptr(),
@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_impl(
     std::array<bool, 3> output_mask) {
   const auto shape = check_batch_norm_affine_args(input, weight, bias);
   check_batch_norm_backward_args(grad_output, input, save_mean, save_rstd);
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DeviceGuard device_guard(input.device());
   const auto format = batch_norm_memory_format(input);
   const auto x = input.contiguous(format);
   const auto dy = grad_output.contiguous(format);
@@ -103,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_impl(
     using T = scalar_t;
     using acc = cpu::acc_t<T>;
     auto workspace = at::empty({batch_norm_workspace_bytes<cuda_t<T>>(layout)}, x.options().dtype(at::kByte));
-    C10_CUDA_CHECK(batch_norm_backward_cuda<cuda_t<T>>(
+    LAYERNORM_EXT_CUDA_CHECK(batch_norm_backward_cuda<cuda_t<T>>(
         cuda_data<T>(dy), cuda_data<T>(x), cpu::optional_data<acc>(w), mean.const_data_ptr<acc>(),
         rstd.const_data_ptr<acc>(), training,
         output_mask[0] ? cuda_mutable_data<T>(grad_input) : nullptr,
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_impl(
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(layernorm_ext, CUDA, m) {
+LAYERNORM_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("batch_norm_forward", &batch_norm_forward_impl);
   m.impl("batch_norm_backward", &batch_norm_backward_impl);
 }

@@ -9,6 +9,7 @@
 #pragma once
 
 #include "acc_type.h"
+#include "launch.cuh"
 
 #include <cuda_runtime.h>
 

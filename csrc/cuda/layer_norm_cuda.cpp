@@ -19,7 +19,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
     double eps) {
   const auto shape =
       check_row_norm_args("layer_norm", input, normalized_shape, weight, bias);
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DeviceGuard device_guard(input.device());
   const auto x = input.contiguous();
   const auto w = cpu::optional_contiguous(weight);
   const auto b = cpu::optional_contiguous(bias);
@@ -33,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
         using T = std::remove_pointer_t<decltype(t_tag)>;
         using P = std::remove_pointer_t<decltype(w_tag)>;
         using acc = cpu::acc_t<T>;
-        C10_CUDA_CHECK((row_norm_forward_cuda</*kCenter=*/true>(
+        LAYERNORM_EXT_CUDA_CHECK((row_norm_forward_cuda</*kCenter=*/true>(
             cuda_data<T>(x), optional_cuda_data<P>(w), optional_cuda_data<P>(b),
             cuda_mutable_data<T>(output), mean.mutable_data_ptr<acc>(),
             rstd.mutable_data_ptr<acc>(), shape.rows, shape.cols, eps, current_stream())));
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
   const auto shape =
       check_row_norm_args("layer_norm_backward", input, normalized_shape, weight, bias);
   check_row_norm_backward_args("layer_norm_backward", grad_output, input, shape, {&mean, &rstd});
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DeviceGuard device_guard(input.device());
   const auto x = input.contiguous();
   const auto dy = grad_output.contiguous();
   const auto w = cpu::optional_contiguous(weight);
@@ -75,7 +75,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
         using T = std::remove_pointer_t<decltype(t_tag)>;
         using P = std::remove_pointer_t<decltype(w_tag)>;
         using acc = cpu::acc_t<T>;
-        C10_CUDA_CHECK((row_norm_backward_cuda</*kCenter=*/true>(
+        LAYERNORM_EXT_CUDA_CHECK((row_norm_backward_cuda</*kCenter=*/true>(
             cuda_data<T>(dy), cuda_data<T>(x), saved_mean.const_data_ptr<acc>(),
             saved_rstd.const_data_ptr<acc>(), optional_cuda_data<P>(w),
             output_mask[0] ? cuda_mutable_data<T>(grad_input) : nullptr,
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(layernorm_ext, CUDA, m) {
+LAYERNORM_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("layer_norm_forward", &layer_norm_forward_cuda);
   m.impl("layer_norm_backward", &layer_norm_backward_cuda);
 }

@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(
     const std::optional<at::Tensor>& weight,
     double eps) {
   const auto shape = check_row_norm_args("rms_norm", input, normalized_shape, weight, std::nullopt);
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DeviceGuard device_guard(input.device());
   const auto x = input.contiguous();
   const auto w = cpu::optional_contiguous(weight);
   auto output = at::empty(input.sizes(), x.options());
@@ -35,7 +35,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(
         using T = std::remove_pointer_t<decltype(t_tag)>;
         using P = std::remove_pointer_t<decltype(w_tag)>;
         using acc = cpu::acc_t<T>;
-        C10_CUDA_CHECK((row_norm_forward_cuda</*kCenter=*/false>(
+        LAYERNORM_EXT_CUDA_CHECK((row_norm_forward_cuda</*kCenter=*/false>(
             cuda_data<T>(x), optional_cuda_data<P>(w), static_cast<const cuda_t<P>*>(nullptr),
             cuda_mutable_data<T>(output), static_cast<acc*>(nullptr), rstd.mutable_data_ptr<acc>(),
             shape.rows, shape.cols, eps, current_stream())));
@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(
   const auto shape =
       check_row_norm_args("rms_norm_backward", input, normalized_shape, weight, std::nullopt);
   check_row_norm_backward_args("rms_norm_backward", grad_output, input, shape, {&rstd});
-  const c10::cuda::CUDAGuard device_guard(input.device());
+  const DeviceGuard device_guard(input.device());
   const auto x = input.contiguous();
   const auto dy = grad_output.contiguous();
   const auto w = cpu::optional_contiguous(weight);
@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(
         using T = std::remove_pointer_t<decltype(t_tag)>;
         using P = std::remove_pointer_t<decltype(w_tag)>;
         using acc = cpu::acc_t<T>;
-        C10_CUDA_CHECK((row_norm_backward_cuda</*kCenter=*/false>(
+        LAYERNORM_EXT_CUDA_CHECK((row_norm_backward_cuda</*kCenter=*/false>(
             cuda_data<T>(dy), cuda_data<T>(x), static_cast<const acc*>(nullptr),
             saved_rstd.const_data_ptr<acc>(), optional_cuda_data<P>(w),
             output_mask[0] ? cuda_mutable_data<T>(grad_input) : nullptr,
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(
 
 } // namespace
 
-TORCH_LIBRARY_IMPL(layernorm_ext, CUDA, m) {
+LAYERNORM_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("rms_norm_forward", &rms_norm_forward_cuda);
   m.impl("rms_norm_backward", &rms_norm_backward_cuda);
 }

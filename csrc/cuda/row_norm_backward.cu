@@ -138,9 +138,8 @@ __global__ void __launch_bounds__(1024) row_norm_grad_input_block_kernel(
     int64_t rows,
     int64_t cols) {
   using acc = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char cache_bytes[];
   const int64_t packs = cols / kVec;
-  auto* x_cache = reinterpret_cast<Pack<T, kVec>*>(cache_bytes);
+  auto* x_cache = dynamic_shared_memory<Pack<T, kVec>>();
   auto* dy_cache = x_cache + packs;
   __shared__ acc scratch[2 * kWarpSize];
   const acc inv_cols = acc(1) / cols;
@@ -242,19 +241,18 @@ cudaError_t launch_grad_input(
   if (p.warp_path) {
     return with_lane_packs(p.lane_packs, [&](auto packs) {
       constexpr int kPacks = kVec > 1 ? decltype(packs)::value : 1;
-      row_norm_grad_input_warp_kernel<kCenter, T, W, kVec, kPacks>
-          <<<p.blocks, p.threads, 0, stream>>>(
-              grad_output, input, mean, rstd, weight, grad_input, rows, static_cast<int>(cols),
-              p.width);
-      return cudaGetLastError();
+      return launch(
+          row_norm_grad_input_warp_kernel<kCenter, T, W, kVec, kPacks>, p.blocks, p.threads, 0,
+          stream, grad_output, input, mean, rstd, weight, grad_input, rows,
+          static_cast<int>(cols), p.width);
     });
   }
   auto run = [&](auto kernel) {
     const cudaError_t err = allow_shared_bytes(kernel, p.cache_bytes);
     if (err != cudaSuccess) return err;
-    kernel<<<p.blocks, p.threads, p.cache_bytes, stream>>>(
-        grad_output, input, mean, rstd, weight, grad_input, rows, cols);
-    return cudaGetLastError();
+    return launch(
+        kernel, p.blocks, p.threads, p.cache_bytes, stream, grad_output, input, mean, rstd,
+        weight, grad_input, rows, cols);
   };
   return p.cached ? run(row_norm_grad_input_block_kernel<kCenter, T, W, kVec, true>)
                   : run(row_norm_grad_input_block_kernel<kCenter, T, W, kVec, false>);
@@ -272,16 +270,17 @@ cudaError_t launch_param_grads(
   if (chunks > 0) {
     const int64_t rows_per_chunk = (rows + chunks - 1) / chunks;
     const dim3 grid(static_cast<unsigned>((cols + kTileCols - 1) / kTileCols), static_cast<unsigned>(chunks));
-    row_norm_param_grad_partial_kernel<kCenter, T><<<grid, dim3(kTileCols, kTileRows), 0, stream>>>(
-        grad_output, input, mean, rstd, dweight_partial, dbias_partial, rows, cols, rows_per_chunk);
-    const cudaError_t err = cudaGetLastError();
+    const cudaError_t err = launch(
+        row_norm_param_grad_partial_kernel<kCenter, T>, grid, dim3(kTileCols, kTileRows), 0,
+        stream, grad_output, input, mean, rstd, dweight_partial, dbias_partial, rows, cols,
+        rows_per_chunk);
     if (err != cudaSuccess) return err;
   }
   constexpr int kThreads = 256;
   const int64_t blocks = std::min((cols + kThreads - 1) / kThreads, kMaxGridBlocks);
-  row_norm_param_grad_finish_kernel<W, acc_t<T>><<<blocks, kThreads, 0, stream>>>(
+  return launch(
+      row_norm_param_grad_finish_kernel<W, acc_t<T>>, blocks, kThreads, 0, stream,
       dweight_partial, dbias_partial, grad_weight, grad_bias, chunks, cols);
-  return cudaGetLastError();
 }
 
 } // namespace

@@ -115,8 +115,7 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
     int64_t cols,
     acc_t<T> eps) {
   using acc = acc_t<T>;
-  extern __shared__ __align__(16) unsigned char cache_bytes[];
-  auto* cache = reinterpret_cast<Pack<T, kVec>*>(cache_bytes);
+  auto* cache = dynamic_shared_memory<Pack<T, kVec>>();
   __shared__ acc scratch[kWarpSize];
   __shared__ Welford<acc> welford_scratch[kWarpSize];
   const int64_t packs = cols / kVec;
@@ -193,19 +192,18 @@ cudaError_t launch_forward(
   if (p.warp_path) {
     return with_lane_packs(p.lane_packs, [&](auto packs) {
       constexpr int kPacks = kVec > 1 ? decltype(packs)::value : 1;
-      row_norm_forward_warp_kernel<kCenter, T, W, kVec, kPacks>
-          <<<p.blocks, p.threads, 0, stream>>>(
-              input, weight, bias, output, mean, rstd, rows, static_cast<int>(cols), p.width,
-              eps_acc);
-      return cudaGetLastError();
+      return launch(
+          row_norm_forward_warp_kernel<kCenter, T, W, kVec, kPacks>, p.blocks, p.threads, 0,
+          stream, input, weight, bias, output, mean, rstd, rows, static_cast<int>(cols), p.width,
+          eps_acc);
     });
   }
   auto run = [&](auto kernel) {
     const cudaError_t err = allow_shared_bytes(kernel, p.cache_bytes);
     if (err != cudaSuccess) return err;
-    kernel<<<p.blocks, p.threads, p.cache_bytes, stream>>>(
-        input, weight, bias, output, mean, rstd, rows, cols, eps_acc);
-    return cudaGetLastError();
+    return launch(
+        kernel, p.blocks, p.threads, p.cache_bytes, stream, input, weight, bias, output, mean,
+        rstd, rows, cols, eps_acc);
   };
   return p.cached ? run(row_norm_forward_block_kernel<kCenter, T, W, kVec, true>)
                   : run(row_norm_forward_block_kernel<kCenter, T, W, kVec, false>);

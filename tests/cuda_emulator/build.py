@@ -147,25 +147,29 @@ def load(sanitize: bool | None = None, verbose: bool = False):
     return module
 
 
-def _libasan() -> str:
+def _compiler_library(name: str) -> str:
+    """The compiler's own copy of a runtime library (its full path), or ""."""
     try:
         found = subprocess.run(
-            [os.environ.get("CXX", "c++"), "-print-file-name=libasan.so"], capture_output=True, text=True
+            [os.environ.get("CXX", "c++"), f"-print-file-name={name}"], capture_output=True, text=True
         ).stdout.strip()
     except OSError:
         return ""
-    return found if os.path.isabs(found) and os.path.exists(found) else ""
+    return os.path.realpath(found) if os.path.isabs(found) and os.path.exists(found) else ""
 
 
 def asan_available() -> bool:
     """Whether the compiler has an AddressSanitizer runtime to preload."""
-    return bool(_libasan())
+    return bool(_compiler_library("libasan.so"))
 
 
 def asan_environment() -> dict:
     """Environment for a Python process that loads the sanitizer build."""
     env = dict(os.environ)
-    env["LD_PRELOAD"] = _libasan()
+    # libstdc++ too: python itself does not link it, and without it loaded
+    # first the sanitizer cannot intercept C++ throws (every torch error would
+    # abort the process).
+    env["LD_PRELOAD"] = " ".join([_compiler_library("libasan.so"), _compiler_library("libstdc++.so")])
     # torch and Python leak by design at exit; OpenMP and the fibers need no
     # use-after-return bookkeeping.
     env["ASAN_OPTIONS"] = "detect_leaks=0:detect_stack_use_after_return=0:abort_on_error=1"

@@ -9,3 +9,7 @@ def _seed_and_restore_threads():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# The CPU executor of the CUDA kernels: its session fixture and kernel report.
+pytest_plugins = ["cuda_emulator.pytest_plugin"]

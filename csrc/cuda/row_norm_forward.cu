@@ -102,19 +102,31 @@ __global__ void __launch_bounds__(kWarpBlockThreads) row_norm_forward_warp_kerne
         for (int v = 0; v < kVec; ++v) sum += to_acc(row_packs[p].v[v]);
       }
     }
-    const acc mu = kCenter ? group_sum(sum, width) / cols : acc(0);
-    acc squares = 0;
+    // Corrected two-pass statistics: the first mean carries the rounding of a
+    // sum of `cols` values of the row's magnitude (1e-3 of the spread for a
+    // float row of mean 1e4 and spread 1); the sum of the deviations from it
+    // removes that error, so rows with a large mean keep their spread.
+    const acc first_mu = kCenter ? group_sum(sum, width) / cols : acc(0);
+    acc deviations = 0, squares = 0;
 #pragma unroll
     for (int p = 0; p < kPacks; ++p) {
       if (owns(p)) {
 #pragma unroll
         for (int v = 0; v < kVec; ++v) {
-          const acc d = to_acc(row_packs[p].v[v]) - mu;
+          const acc d = to_acc(row_packs[p].v[v]) - first_mu;
+          if constexpr (kCenter) deviations += d;
           squares += d * d;
         }
       }
     }
-    const acc var = group_sum(squares, width) / cols;
+    acc mu = 0, var = 0;
+    if constexpr (kCenter) {
+      const acc deviation_sum = group_sum(deviations, width);
+      mu = first_mu + deviation_sum / cols;
+      var = (group_sum(squares, width) - deviation_sum * deviation_sum / cols) / cols;
+    } else {
+      var = group_sum(squares, width) / cols;
+    }
     const acc rs = acc(1) / sqrt(var + eps);
     if (valid && lane_in_row == 0) {
       if constexpr (kCenter) mean[row] = mu;
@@ -155,7 +167,7 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
     acc_t<T> eps) {
   using acc = acc_t<T>;
   auto* cache = dynamic_shared_memory<Pack<T, kVec>>();
-  __shared__ acc scratch[kWarpSize];
+  __shared__ acc scratch[2 * kWarpSize];
   __shared__ Welford<acc> welford_scratch[kWarpSize];
   const int64_t packs = cols / kVec;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -175,28 +187,49 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
       if constexpr (kCenter) {
         block_sum(sum, scratch);
         mu = sum[0] / cols;
-      }
-      acc squares[1] = {0};
-      for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+        // Corrected two-pass, as in the warp kernel: the deviations' sum
+        // corrects the first mean.
+        acc sums[2] = {0, 0};
+        for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) {
-          const acc d = to_acc(cache[p].v[v]) - mu;
-          squares[0] += d * d;
+          for (int v = 0; v < kVec; ++v) {
+            const acc d = to_acc(cache[p].v[v]) - mu;
+            sums[0] += d;
+            sums[1] += d * d;
+          }
         }
+        block_sum(sums, scratch);
+        mu += sums[0] / cols;
+        var = (sums[1] - sums[0] * sums[0] / cols) / cols;
+      } else {
+        acc squares[1] = {0};
+        for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
+#pragma unroll
+          for (int v = 0; v < kVec; ++v) squares[0] += to_acc(cache[p].v[v]) * to_acc(cache[p].v[v]);
+        }
+        block_sum(squares, scratch);
+        var = squares[0] / cols;
       }
-      block_sum(squares, scratch);
-      var = squares[0] / cols;
     } else if constexpr (kCenter) {
+      // Welford over deviations from the row's first value: a running mean of
+      // values near 1e4 rounds at each update, one of deviations near the
+      // spread does not, and the mean is rounded once, when the shift is
+      // added back. Fused, the row's first value is the rounded sum, formed
+      // here from the addends' first values (every thread needs it before
+      // the sweep that stores the sum).
+      const acc shift = kAddResidual
+          ? to_acc(from_acc<T>(to_acc(input[row_offset]) + to_acc(residual[row_offset])))
+          : to_acc(input[row_offset]);
       Welford<acc> stats{0, 0, 0};
       #pragma unroll 4
       for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
         const auto pack =
             load_row_pack<kAddResidual, kVec>(input, residual, sum_out, row_offset + p * kVec);
 #pragma unroll
-        for (int v = 0; v < kVec; ++v) welford_push(stats, to_acc(pack.v[v]));
+        for (int v = 0; v < kVec; ++v) welford_push(stats, to_acc(pack.v[v]) - shift);
       }
       stats = block_welford(stats, welford_scratch);
-      mu = stats.mean;
+      mu = shift + stats.mean;
       var = stats.m2 / cols;
     } else {
       acc squares[1] = {0};

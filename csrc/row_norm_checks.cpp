@@ -34,6 +34,21 @@ void check_param(
 
 } // namespace
 
+void check_residual(const char* op, const at::Tensor& input, const at::Tensor& residual) {
+  TORCH_CHECK(
+      residual.sizes() == input.sizes(),
+      op, ": expected residual of the input's shape ", input.sizes(),
+      ", but got residual of shape ", residual.sizes());
+  TORCH_CHECK(
+      residual.scalar_type() == input.scalar_type(),
+      op, ": expected residual of the input's dtype ", input.scalar_type(),
+      ", but got residual of dtype ", residual.scalar_type());
+  TORCH_CHECK(
+      residual.device() == input.device(),
+      op, ": expected residual on the input's device ", input.device(),
+      ", but got residual on ", residual.device());
+}
+
 at::ScalarType accumulate_type(at::ScalarType input_dtype) {
   return input_dtype == at::kDouble ? at::kDouble : at::kFloat;
 }

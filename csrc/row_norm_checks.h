@@ -27,6 +27,10 @@ RowShape check_row_norm_args(
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias);
 
+// Checks the residual of a fused residual-add op: the input's shape, dtype
+// and device.
+void check_residual(const char* op, const at::Tensor& input, const at::Tensor& residual);
+
 // Checks a backward op's tensors against the forward input: grad_output of
 // the input's shape and dtype, statistics with one entry per row.
 void check_row_norm_backward_args(

@@ -337,6 +337,91 @@ def test_compile_fullgraph(kind):
         torch.testing.assert_close(got, ref)
 
 
+# ------------------------------------------------------- fused residual add
+
+FUSED_KINDS = ["fused_add_layer_norm", "fused_add_rms_norm"]
+# Every mapping: warp path with several rows a warp and whole-warp rows, the
+# cached block path and the long-row path past the cache.
+FUSED_COLS = [1, 7, 31, 32, 33, 1000, 1024, 4096, 4097, 65537]
+
+
+def run_fused(kind, x, r, w, b, eps):
+    """The fused op's outputs, and the plain op's on the separate sum x + r."""
+    shape = [x.shape[-1]]
+    if kind == "fused_add_layer_norm":
+        y, s, mean, rstd = _ops.fused_add_layer_norm_forward(x, r, shape, w, b, eps)
+        plain_y, plain_mean, plain_rstd = _ops.layer_norm_forward(x + r, shape, w, b, eps)
+        return (y, s, mean, rstd), (plain_y, x + r, plain_mean, plain_rstd)
+    y, s, rstd = _ops.fused_add_rms_norm_forward(x, r, shape, w, eps)
+    plain_y, plain_rstd = _ops.rms_norm_forward(x + r, shape, w, eps)
+    return (y, s, rstd), (plain_y.contiguous(), x + r, plain_rstd)
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", FUSED_COLS)
+def test_fused_add_matches_plain_op_on_the_sum(kind, dtype, cols):
+    """The sum is torch's x + r to the bit, and the norm is the plain kernel's
+    on that sum to the bit (the same template on the same mapping)."""
+    for param_dtype in param_dtypes(dtype):
+        for affine in (True, False):
+            x, w, b, r = row_case(dtype, param_dtype, cols, affine=affine)
+            poison_allocator()
+            fused, plain = run_fused(kind, x, r, w, b, 1e-5)
+            what = f"{kind} cols={cols} param={param_dtype} affine={affine}"
+            for index, (got, ref) in enumerate(zip(fused, plain)):
+                assert got.dtype == ref.dtype and got.shape == ref.shape, f"{what} #{index}"
+                assert got.is_contiguous(), f"{what} #{index}"
+                assert torch.equal(got, ref), f"{what} #{index}"
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_fused_add_cpu_and_cuda_agree(kind):
+    x, w, b, r = row_case(torch.float32, torch.float32, 1000, batch=(5, 9))
+    cuda_out = run_fused(kind, x, r, w, b, 1e-5)[0]
+    cpu_out = run_fused(kind, *(t.cpu() for t in (x, r, w, b)), 1e-5)[0]
+    for got, ref in zip(cuda_out, cpu_out):
+        assert got.shape == ref.shape and got.dtype == ref.dtype
+        torch.testing.assert_close(got.cpu(), ref, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_fused_add_strided_misaligned_and_empty(kind):
+    fn = getattr(layernorm_ext, kind)
+    ref_fn = F.layer_norm if kind == "fused_add_layer_norm" else F.rms_norm
+    # A strided input and a residual one element off 16-byte alignment (the
+    # scalar path).
+    x = torch.randn(6, 40, 256, device="cuda").transpose(0, 1)[:, ::2]
+    r = torch.randn(1 + x.numel(), device="cuda")[1:].view(x.shape)
+    w = torch.randn(256, device="cuda")
+    y, s = fn(x, r, [256], w)
+    assert torch.equal(s, x + r)
+    assert_close_rel(y, ref_fn(s.double(), [256], w.double()), torch.float32, kind)
+    empty = torch.randn(0, 64, device="cuda")
+    y, s = fn(empty, empty, [64], None)
+    assert y.shape == s.shape == (0, 64)
+
+
+@pytest.mark.parametrize("kind", FUSED_KINDS)
+def test_fused_add_gradients(kind):
+    x = torch.randn(4, 3, 17, dtype=torch.float64, device="cuda", requires_grad=True)
+    r = torch.randn(4, 3, 17, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(17, dtype=torch.float64, device="cuda", requires_grad=True)
+    fn = getattr(layernorm_ext, kind)
+    assert torch.autograd.gradcheck(lambda x, r, w: fn(x, r, [17], w), (x, r, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_add_opcheck(dtype):
+    """The CUDA outputs match the fake kernels (shapes, dtypes, strides) and autograd."""
+    x = torch.randn(4, 6, 32, device="cuda", dtype=dtype, requires_grad=True)
+    r = torch.randn(4, 6, 32, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.randn(32, device="cuda", dtype=dtype, requires_grad=True)
+    b = torch.randn(32, device="cuda", dtype=dtype, requires_grad=True)
+    torch.library.opcheck(_ops.fused_add_layer_norm_forward.default, (x, r, [32], w, b, 1e-5))
+    torch.library.opcheck(_ops.fused_add_rms_norm_forward.default, (x, r, [32], w, 1e-6))
+
+
 # ----------------------------------------------------------------- BatchNorm
 
 BN_SHAPES = [(16, 8), (4, 6, 33), (8, 16, 7, 9), (2, 4, 3, 5, 6), (3, 64, 32, 32)]

@@ -267,14 +267,82 @@ def test_batch_norm_without_parameters_or_running_stats(emulated):
     assert grads[1].numel() == 0 and grads[2].numel() == 0
 
 
-def test_fused_add_ops_through_the_executor(emulated):
-    """The fused residual-add forward kernels, where the CUDA build has them."""
-    x = random((37, 1000), torch.float32)
-    residual = random((37, 1000), torch.float32)
-    weight = random((1000,), torch.float32)
-    out, total, *_ = emulated.fused_add_layer_norm_forward(x, residual, [1000], weight, None, 1e-5)
-    assert torch.equal(total, x + residual)
-    assert_near(out, F.layer_norm((x + residual).double(), [1000], weight.double()), torch.float32, "output")
-    out, total, _ = emulated.fused_add_rms_norm_forward(x, residual, [1000], weight, 1e-5)
-    assert torch.equal(total, x + residual)
-    assert_near(out, F.rms_norm((x + residual).double(), [1000], weight.double(), 1e-5), torch.float32, "output")
+def fused_add_call(norm, x, residual, weight, bias, eps=1e-5):
+    """The fused residual-add forward op's arguments for `norm` (rms_norm has no bias)."""
+    shape = [x.shape[-1]]
+    if norm == "layer_norm":
+        return (x, residual, shape, weight, bias, eps)
+    return (x, residual, shape, weight, eps)
+
+
+def misaligned_copy(t):
+    """t's values, contiguous, one element off 16-byte alignment (the scalar path)."""
+    return torch.empty(1 + t.numel(), dtype=t.dtype)[1:].view(t.shape).copy_(t)
+
+
+def check_fused_add(emulated, norm, x, residual, weight, bias, dtype, misaligned=False):
+    """The fused op's sum is torch's x + residual to the bit; its norm and
+    statistics are the plain kernel's on that sum to the bit (one template, and
+    the same mapping: a misaligned addend takes the scalar path, as does a
+    misaligned sum); every output has the CPU op's shape, dtype and strides,
+    and values near the CPU op's."""
+    args = fused_add_call(norm, x, residual, weight, bias)
+    fused = getattr(emulated, f"fused_add_{norm}_forward")(*args)
+    cpu = getattr(CPU, f"fused_add_{norm}_forward")(*args)
+    total = x + residual
+    plain_input = misaligned_copy(total) if misaligned else total
+    plain = getattr(emulated, f"{norm}_forward")(*row_norm_call(norm, plain_input, weight, bias))
+    plain = (plain[0].contiguous(), total, *plain[1:])
+    names = ("output", "sum", "mean", "rstd") if norm == "layer_norm" else ("output", "sum", "rstd")
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, ours, on_sum, theirs in zip(names, fused, plain, cpu):
+        assert (ours.shape, ours.dtype, ours.stride()) == (theirs.shape, theirs.dtype, theirs.stride()), name
+        assert torch.equal(ours, on_sum), f"{name} differs from the plain kernel's on the sum"
+        if name == "sum":
+            assert torch.equal(theirs, total)
+        else:
+            assert_near(ours, theirs, dtype if name == "output" else stats_dtype, name)
+
+
+@pytest.mark.parametrize("cols", ROW_COLS)
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=ids)
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_fused_add_kernels(emulated, norm, dtypes, cols):
+    """The fused residual-add forward kernels on every mapping (ROW_COLS), with
+    and without affine parameters."""
+    dtype, param_dtype = dtypes
+    rows = rows_for(cols)
+    x = random((rows, cols), dtype)
+    residual = random((rows, cols), dtype, 1.0, 0.0)
+    weight = random((cols,), param_dtype, 1.0, 0.0)
+    bias = random((cols,), param_dtype, 1.0, 0.0) if norm == "layer_norm" else None
+    check_fused_add(emulated, norm, x, residual, weight, bias, dtype)
+    check_fused_add(emulated, norm, x, residual, None, None, dtype)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_fused_add_zero_rows_strided_and_misaligned_input(emulated, norm):
+    empty = random((0, 5, 33), torch.float32)
+    out = getattr(emulated, f"fused_add_{norm}_forward")(*fused_add_call(norm, empty, empty, None, None))
+    assert out[0].shape == out[1].shape == (0, 5, 33) and all(t.numel() == 0 for t in out)
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        # A strided input and a residual off 16-byte alignment: the glue makes
+        # the input contiguous, the residual takes the scalar path.
+        x = random((6, 40, 256), dtype).transpose(0, 1)[:, ::2]
+        residual = misaligned_copy(random(x.shape, dtype, 1.0, 0.0))
+        weight = random((256,), dtype, 1.0, 0.0)
+        bias = weight if norm == "layer_norm" else None
+        check_fused_add(emulated, norm, x, residual, weight, bias, dtype, misaligned=True)
+
+
+def test_fused_add_argument_errors_match_the_cpu_op(emulated):
+    x = random((3, 8), torch.float32)
+    for bad in (random((3, 7), torch.float32), random((3, 8), torch.float64)):
+        for op in ("fused_add_layer_norm_forward", "fused_add_rms_norm_forward"):
+            messages = []
+            for namespace in (emulated, CPU):
+                args = (x, bad, [8], None, None, 1e-5) if "layer" in op else (x, bad, [8], None, 1e-5)
+                with pytest.raises(RuntimeError) as error:
+                    getattr(namespace, op)(*args)
+                messages.append(str(error.value).splitlines()[0])
+            assert messages[0] == messages[1]

@@ -1,6 +1,6 @@
 // Tensor-level helpers shared by the LayerNorm and RMSNorm CPU ops: the
 // affine parameters and gradient scratch in the shape the row kernels take
-// (row_norm_kernels.h), and the fused residual-add argument check.
+// (row_norm_kernels.h).
 #pragma once
 
 #include "../row_norm_checks.h"
@@ -40,22 +40,6 @@ inline at::Tensor grad_partials(const RowShape& shape, int64_t partial_rows, at:
       ? grad_blocks(shape.rows, shape.cols, partial_rows * acc_bytes)
       : 0;
   return at::empty({blocks * partial_rows * shape.cols}, at::TensorOptions().dtype(acc_type));
-}
-
-// The fused residual-add ops take input and residual of one shape, dtype and device.
-inline void check_residual(const char* op, const at::Tensor& input, const at::Tensor& residual) {
-  TORCH_CHECK(
-      residual.sizes() == input.sizes(),
-      op, ": expected residual of the input's shape ", input.sizes(),
-      ", but got residual of shape ", residual.sizes());
-  TORCH_CHECK(
-      residual.scalar_type() == input.scalar_type(),
-      op, ": expected residual of the input's dtype ", input.scalar_type(),
-      ", but got residual of dtype ", residual.scalar_type());
-  TORCH_CHECK(
-      residual.device() == input.device(),
-      op, ": expected residual on the input's device ", input.device(),
-      ", but got residual on ", residual.device());
 }
 
 } // namespace layernorm_ext::cpu

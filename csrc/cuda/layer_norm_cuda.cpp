@@ -1,6 +1,6 @@
-// LayerNorm on CUDA: the CPU op's argument checks and output allocation,
-// then the row-norm launchers of row_norm.cuh (kCenter = true) on the input's
-// device and its current stream.
+// LayerNorm on CUDA, plain and with a fused residual add: the CPU ops'
+// argument checks and output allocation, then the row-norm launchers of
+// row_norm.cuh (kCenter = true) on the input's device and its current stream.
 #include "../row_norm_checks.h"
 #include "row_norm.cuh"
 #include "torch_glue.h"
@@ -11,19 +11,24 @@
 namespace layernorm_ext::cuda {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
+// output, input + residual (an undefined tensor without residual), mean, rstd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_impl(
+    const char* op,
     const at::Tensor& input,
+    const std::optional<at::Tensor>& residual,
     at::IntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias,
     double eps) {
-  const auto shape =
-      check_row_norm_args("layer_norm", input, normalized_shape, weight, bias);
+  const auto shape = check_row_norm_args(op, input, normalized_shape, weight, bias);
+  if (residual) check_residual(op, input, *residual);
   const DeviceGuard device_guard(input.device());
   const auto x = input.contiguous();
+  const auto res = cpu::optional_contiguous(residual);
   const auto w = cpu::optional_contiguous(weight);
   const auto b = cpu::optional_contiguous(bias);
   auto output = at::empty(input.sizes(), x.options());
+  auto sum = residual ? at::empty(input.sizes(), x.options()) : at::Tensor();
   const auto stats_options = x.options().dtype(accumulate_type(x.scalar_type()));
   auto mean = at::empty(stats_shape(input, normalized_shape), stats_options);
   auto rstd = at::empty(stats_shape(input, normalized_shape), stats_options);
@@ -34,11 +39,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
         using P = std::remove_pointer_t<decltype(w_tag)>;
         using acc = cpu::acc_t<T>;
         LAYERNORM_EXT_CUDA_CHECK((row_norm_forward_cuda</*kCenter=*/true>(
-            cuda_data<T>(x), optional_cuda_data<P>(w), optional_cuda_data<P>(b),
-            cuda_mutable_data<T>(output), mean.mutable_data_ptr<acc>(),
+            cuda_data<T>(x), optional_cuda_data<T>(res),
+            residual ? cuda_mutable_data<T>(sum) : nullptr, optional_cuda_data<P>(w),
+            optional_cuda_data<P>(b), cuda_mutable_data<T>(output), mean.mutable_data_ptr<acc>(),
             rstd.mutable_data_ptr<acc>(), shape.rows, shape.cols, eps, current_stream())));
       });
+  return {output, sum, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_cuda(
+    const at::Tensor& input,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps) {
+  auto [output, sum, mean, rstd] = layer_norm_forward_impl(
+      "layer_norm", input, std::nullopt, normalized_shape, weight, bias, eps);
   return {output, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_add_layer_norm_forward_cuda(
+    const at::Tensor& input,
+    const at::Tensor& residual,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    double eps) {
+  return layer_norm_forward_impl(
+      "fused_add_layer_norm", input, residual, normalized_shape, weight, bias, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
@@ -90,6 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cuda(
 
 LAYERNORM_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("layer_norm_forward", &layer_norm_forward_cuda);
+  m.impl("fused_add_layer_norm_forward", &fused_add_layer_norm_forward_cuda);
   m.impl("layer_norm_backward", &layer_norm_backward_cuda);
 }
 

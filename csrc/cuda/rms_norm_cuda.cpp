@@ -1,6 +1,7 @@
-// RMSNorm on CUDA: the CPU op's argument checks and output allocation, then
-// the row-norm launchers of row_norm.cuh without centering (kCenter = false)
-// on the input's device and its current stream.
+// RMSNorm on CUDA, plain and with a fused residual add: the CPU ops' argument
+// checks and output allocation, then the row-norm launchers of row_norm.cuh
+// without centering (kCenter = false) on the input's device and its current
+// stream.
 #include "../row_norm_checks.h"
 #include "row_norm.cuh"
 #include "torch_glue.h"
@@ -18,16 +19,23 @@ at::Tensor in_memory_format(const at::Tensor& t, at::MemoryFormat format) {
   return at::empty(t.sizes(), t.options().memory_format(format)).copy_(t);
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(
+// output (contiguous), input + residual (an undefined tensor without
+// residual), rstd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_forward_impl(
+    const char* op,
     const at::Tensor& input,
+    const std::optional<at::Tensor>& residual,
     at::IntArrayRef normalized_shape,
     const std::optional<at::Tensor>& weight,
     double eps) {
-  const auto shape = check_row_norm_args("rms_norm", input, normalized_shape, weight, std::nullopt);
+  const auto shape = check_row_norm_args(op, input, normalized_shape, weight, std::nullopt);
+  if (residual) check_residual(op, input, *residual);
   const DeviceGuard device_guard(input.device());
   const auto x = input.contiguous();
+  const auto res = cpu::optional_contiguous(residual);
   const auto w = cpu::optional_contiguous(weight);
   auto output = at::empty(input.sizes(), x.options());
+  auto sum = residual ? at::empty(input.sizes(), x.options()) : at::Tensor();
   auto rstd = at::empty(
       stats_shape(input, normalized_shape), x.options().dtype(accumulate_type(x.scalar_type())));
   cpu::dispatch_input_and_param_types(x.scalar_type(), w ? w->scalar_type() : x.scalar_type(),
@@ -36,11 +44,34 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(
         using P = std::remove_pointer_t<decltype(w_tag)>;
         using acc = cpu::acc_t<T>;
         LAYERNORM_EXT_CUDA_CHECK((row_norm_forward_cuda</*kCenter=*/false>(
-            cuda_data<T>(x), optional_cuda_data<P>(w), static_cast<const cuda_t<P>*>(nullptr),
-            cuda_mutable_data<T>(output), static_cast<acc*>(nullptr), rstd.mutable_data_ptr<acc>(),
-            shape.rows, shape.cols, eps, current_stream())));
+            cuda_data<T>(x), optional_cuda_data<T>(res),
+            residual ? cuda_mutable_data<T>(sum) : nullptr, optional_cuda_data<P>(w),
+            static_cast<const cuda_t<P>*>(nullptr), cuda_mutable_data<T>(output),
+            static_cast<acc*>(nullptr), rstd.mutable_data_ptr<acc>(), shape.rows, shape.cols, eps,
+            current_stream())));
       });
+  return {output, sum, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(
+    const at::Tensor& input,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    double eps) {
+  auto [output, sum, rstd] =
+      rms_norm_forward_impl("rms_norm", input, std::nullopt, normalized_shape, weight, eps);
   return {in_memory_format(output, rms_norm_memory_format(input)), rstd};
+}
+
+// Both outputs contiguous, as the CPU op's and the fake kernel's are.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_add_rms_norm_forward_cuda(
+    const at::Tensor& input,
+    const at::Tensor& residual,
+    at::IntArrayRef normalized_shape,
+    const std::optional<at::Tensor>& weight,
+    double eps) {
+  return rms_norm_forward_impl(
+      "fused_add_rms_norm", input, residual, normalized_shape, weight, eps);
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(
@@ -86,6 +117,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(
 
 LAYERNORM_EXT_CUDA_LIBRARY_IMPL(m) {
   m.impl("rms_norm_forward", &rms_norm_forward_cuda);
+  m.impl("fused_add_rms_norm_forward", &fused_add_rms_norm_forward_cuda);
   m.impl("rms_norm_backward", &rms_norm_backward_cuda);
 }
 

@@ -16,10 +16,15 @@
 namespace layernorm_ext::cuda {
 
 // weight and bias may be null (no affine; RMSNorm passes a null bias); mean is
-// unused (may be null) when !kCenter.
+// unused (may be null) when !kCenter. residual and sum_out are both null (the
+// plain ops) or both set (the fused residual-add ops): then the rows normalized
+// are sum = input + residual, rounded to T as torch's add rounds it, and the
+// sum is stored to sum_out (rows x cols, contiguous).
 template <bool kCenter, typename T, typename W>
 cudaError_t row_norm_forward_cuda(
     const T* input,
+    const T* residual,
+    T* sum_out,
     const W* weight,
     const W* bias,
     T* output,

@@ -1,6 +1,9 @@
-// LayerNorm / RMSNorm forward on CUDA: one template for both (kCenter).
-// Thread mapping: see row_norm_plan.cuh. Every row is read from device memory
-// once and written once; statistics are kept in acc_t<T>.
+// LayerNorm / RMSNorm forward on CUDA, plain and with a fused residual add:
+// one template for the four ops (kCenter: LayerNorm or RMSNorm; kAddResidual:
+// the row is sum = input + residual, written out and normalized).
+// Thread mapping: see row_norm_plan.cuh. Every row (and residual row) is read
+// from device memory once and the output (and sum) written once; statistics
+// are kept in acc_t<T>.
 #include "row_norm.cuh"
 #include "row_norm_plan.cuh"
 
@@ -27,14 +30,44 @@ __device__ __forceinline__ Pack<T, kVec> normalize_pack(
   return out;
 }
 
+// The fused sum of one pack, rounded to T as torch's separate add rounds it
+// (half/bfloat16 added in float, rounded once), since the norm is of the
+// rounded sum: the CPU kernel's order of operations.
+template <int kVec, typename T>
+__device__ __forceinline__ Pack<T, kVec> add_packs(const Pack<T, kVec>& a, const Pack<T, kVec>& b) {
+  Pack<T, kVec> out;
+#pragma unroll
+  for (int v = 0; v < kVec; ++v) out.v[v] = from_acc<T>(to_acc(a.v[v]) + to_acc(b.v[v]));
+  return out;
+}
+
+// One pack of the row to normalize: the input's, or with kAddResidual the sum
+// of the input's and the residual's, which is also stored to sum_out. Each
+// addend is read once and the sum written once.
+template <bool kAddResidual, int kVec, typename T>
+__device__ __forceinline__ Pack<T, kVec> load_row_pack(
+    const T* input, const T* residual, T* sum_out, int64_t offset) {
+  const auto in = load_pack<kVec>(input + offset);
+  if constexpr (!kAddResidual) {
+    return in;
+  } else {
+    const auto added = add_packs(in, load_pack<kVec>(residual + offset));
+    store_pack<kVec>(sum_out + offset, added);
+    return added;
+  }
+}
+
 // Short and mid rows. A group of `width` lanes owns a row; lane t of the group
 // holds packs t, t + width, ... in registers (kPacks of them), so that each
 // step of the group reads width * 16 contiguous bytes. The warp walks over
 // its rows grid-stride, all lanes together (the shuffles need every lane,
-// also those whose row is past the end).
-template <bool kCenter, typename T, typename W, int kVec, int kPacks>
+// also those whose row is past the end). The fused sum is formed as the packs
+// are loaded, so the registers hold the sum: no second read of anything.
+template <bool kCenter, bool kAddResidual, typename T, typename W, int kVec, int kPacks>
 __global__ void __launch_bounds__(kWarpBlockThreads) row_norm_forward_warp_kernel(
     const T* __restrict__ input,
+    const T* __restrict__ residual,
+    T* __restrict__ sum_out,
     const W* __restrict__ weight,
     const W* __restrict__ bias,
     T* __restrict__ output,
@@ -54,7 +87,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads) row_norm_forward_warp_kerne
   for (int64_t first = warp * rows_per_warp; first < rows; first += warp_step) {
     const int64_t row = first + lane / width;
     const bool valid = row < rows;
-    const T* x = input + (valid ? row : 0) * cols;
+    const int64_t row_offset = (valid ? row : 0) * cols;
     auto col_of = [&](int p) { return (p * width + lane_in_row) * kVec; };
     auto owns = [&](int p) { return valid && col_of(p) < cols; };
 
@@ -63,7 +96,8 @@ __global__ void __launch_bounds__(kWarpBlockThreads) row_norm_forward_warp_kerne
 #pragma unroll
     for (int p = 0; p < kPacks; ++p) {
       if (owns(p)) {
-        row_packs[p] = load_pack<kVec>(x + col_of(p));
+        row_packs[p] = load_row_pack<kAddResidual, kVec>(
+            input, residual, sum_out, row_offset + col_of(p));
 #pragma unroll
         for (int v = 0; v < kVec; ++v) sum += to_acc(row_packs[p].v[v]);
       }
@@ -115,9 +149,14 @@ __global__ void __launch_bounds__(kWarpBlockThreads) row_norm_forward_warp_kerne
 // and the variance takes a second sweep over the cached row. Without it (row
 // past the cache), statistics come from one Welford sweep and the normalize
 // sweep re-reads the row, which the block has just pulled through L2.
-template <bool kCenter, typename T, typename W, int kVec, bool kCached>
+// With kAddResidual, the first sweep forms and stores the sum; what the cache
+// holds, and what the uncached normalize sweep re-reads (from L2, through
+// sum_out), is the sum, so neither addend is read twice.
+template <bool kCenter, bool kAddResidual, typename T, typename W, int kVec, bool kCached>
 __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
     const T* __restrict__ input,
+    const T* __restrict__ residual,
+    T* __restrict__ sum_out,
     const W* __restrict__ weight,
     const W* __restrict__ bias,
     T* __restrict__ output,
@@ -132,14 +171,15 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
   __shared__ Welford<acc> welford_scratch[kWarpSize];
   const int64_t packs = cols / kVec;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-    const T* x = input + row * cols;
+    const int64_t row_offset = row * cols;
     acc mu = 0;
     acc var = 0;
     if constexpr (kCached) {
       acc sum[1] = {0};
       #pragma unroll 4
       for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-        const auto pack = load_pack<kVec>(x + p * kVec);
+        const auto pack =
+            load_row_pack<kAddResidual, kVec>(input, residual, sum_out, row_offset + p * kVec);
         cache[p] = pack;
 #pragma unroll
         for (int v = 0; v < kVec; ++v) sum[0] += to_acc(pack.v[v]);
@@ -174,12 +214,17 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
       // Welford over deviations from the row's first value: a running mean of
       // values near 1e4 rounds at each update, one of deviations near the
       // spread does not, and the mean is rounded once, when the shift is
-      // added back.
-      const acc shift = to_acc(x[0]);
+      // added back. Fused, the row's first value is the rounded sum, formed
+      // here from the addends' first values (every thread needs it before
+      // the sweep that stores the sum).
+      const acc shift = kAddResidual
+          ? to_acc(from_acc<T>(to_acc(input[row_offset]) + to_acc(residual[row_offset])))
+          : to_acc(input[row_offset]);
       Welford<acc> stats{0, 0, 0};
       #pragma unroll 4
       for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-        const auto pack = load_pack<kVec>(x + p * kVec);
+        const auto pack =
+            load_row_pack<kAddResidual, kVec>(input, residual, sum_out, row_offset + p * kVec);
 #pragma unroll
         for (int v = 0; v < kVec; ++v) welford_push(stats, to_acc(pack.v[v]) - shift);
       }
@@ -190,7 +235,8 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
       acc squares[1] = {0};
       #pragma unroll 4
       for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-        const auto pack = load_pack<kVec>(x + p * kVec);
+        const auto pack =
+            load_row_pack<kAddResidual, kVec>(input, residual, sum_out, row_offset + p * kVec);
 #pragma unroll
         for (int v = 0; v < kVec; ++v) squares[0] += to_acc(pack.v[v]) * to_acc(pack.v[v]);
       }
@@ -202,60 +248,84 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
       if constexpr (kCenter) mean[row] = mu;
       rstd[row] = rs;
     }
+    // Uncached, the sweep re-reads the row: the sum this thread stored in the
+    // first sweep, when fused. Pack p is handled by thread p % blockDim.x in
+    // both sweeps, so each thread reads back only its own stores, which a
+    // thread always sees in program order (no barrier, no fence). The loads go
+    // through sum_out, a pointer the kernel writes, so that the compiler does
+    // not route them through the non-coherent read-only path.
+    const T* row_source = kAddResidual ? sum_out : input;
     #pragma unroll 4
     for (int64_t p = threadIdx.x; p < packs; p += blockDim.x) {
-      const auto pack = kCached ? cache[p] : load_pack<kVec>(x + p * kVec);
+      const auto pack = kCached ? cache[p] : load_pack<kVec>(row_source + row_offset + p * kVec);
       store_pack<kVec>(
-          output + row * cols + p * kVec,
+          output + row_offset + p * kVec,
           normalize_pack<kVec>(pack, weight, bias, p * kVec, mu, rs));
     }
   }
 }
 
-template <bool kCenter, typename T, typename W, int kVec>
+template <bool kCenter, bool kAddResidual, typename T, typename W, int kVec>
 cudaError_t launch_forward(
-    const T* input, const W* weight, const W* bias, T* output, acc_t<T>* mean,
-    acc_t<T>* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
+    const T* input, const T* residual, T* sum_out, const W* weight, const W* bias, T* output,
+    acc_t<T>* mean, acc_t<T>* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
   const auto p = plan(rows, cols, kVec, cols * static_cast<int64_t>(sizeof(T)));
   const auto eps_acc = static_cast<acc_t<T>>(eps);
   if (p.warp_path) {
     return with_lane_packs(p.lane_packs, [&](auto packs) {
       constexpr int kPacks = kVec > 1 ? decltype(packs)::value : 1;
       return launch(
-          row_norm_forward_warp_kernel<kCenter, T, W, kVec, kPacks>, p.blocks, p.threads, 0,
-          stream, input, weight, bias, output, mean, rstd, rows, static_cast<int>(cols), p.width,
-          eps_acc);
+          row_norm_forward_warp_kernel<kCenter, kAddResidual, T, W, kVec, kPacks>, p.blocks,
+          p.threads, 0, stream, input, residual, sum_out, weight, bias, output, mean, rstd, rows,
+          static_cast<int>(cols), p.width, eps_acc);
     });
   }
   auto run = [&](auto kernel) {
     const cudaError_t err = allow_shared_bytes(kernel, p.cache_bytes);
     if (err != cudaSuccess) return err;
     return launch(
-        kernel, p.blocks, p.threads, p.cache_bytes, stream, input, weight, bias, output, mean,
-        rstd, rows, cols, eps_acc);
+        kernel, p.blocks, p.threads, p.cache_bytes, stream, input, residual, sum_out, weight,
+        bias, output, mean, rstd, rows, cols, eps_acc);
   };
-  return p.cached ? run(row_norm_forward_block_kernel<kCenter, T, W, kVec, true>)
-                  : run(row_norm_forward_block_kernel<kCenter, T, W, kVec, false>);
+  return p.cached
+      ? run(row_norm_forward_block_kernel<kCenter, kAddResidual, T, W, kVec, true>)
+      : run(row_norm_forward_block_kernel<kCenter, kAddResidual, T, W, kVec, false>);
+}
+
+// 16-byte packs when every row of every tensor allows them, else one element
+// a pack.
+template <bool kCenter, bool kAddResidual, typename T, typename W>
+cudaError_t forward_packed(
+    const T* input, const T* residual, T* sum_out, const W* weight, const W* bias, T* output,
+    acc_t<T>* mean, acc_t<T>* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
+  constexpr int kVec = kVecOf<T>;
+  constexpr int64_t kParamPackBytes = sizeof(W) * kVec;
+  const bool vectorized = cols % kVec == 0 && is_aligned(input, 16) && is_aligned(output, 16) &&
+      (!kAddResidual || (is_aligned(residual, 16) && is_aligned(sum_out, 16))) &&
+      (!weight || is_aligned(weight, kParamPackBytes)) && (!bias || is_aligned(bias, kParamPackBytes));
+  return vectorized
+      ? launch_forward<kCenter, kAddResidual, T, W, kVec>(
+            input, residual, sum_out, weight, bias, output, mean, rstd, rows, cols, eps, stream)
+      : launch_forward<kCenter, kAddResidual, T, W, 1>(
+            input, residual, sum_out, weight, bias, output, mean, rstd, rows, cols, eps, stream);
 }
 
 } // namespace
 
 template <bool kCenter, typename T, typename W>
 cudaError_t row_norm_forward_cuda(
-    const T* input, const W* weight, const W* bias, T* output, acc_t<T>* mean,
-    acc_t<T>* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
+    const T* input, const T* residual, T* sum_out, const W* weight, const W* bias, T* output,
+    acc_t<T>* mean, acc_t<T>* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  constexpr int kVec = kVecOf<T>;
-  constexpr int64_t kParamPackBytes = sizeof(W) * kVec;
-  const bool vectorized = cols % kVec == 0 && is_aligned(input, 16) && is_aligned(output, 16) &&
-      (!weight || is_aligned(weight, kParamPackBytes)) && (!bias || is_aligned(bias, kParamPackBytes));
-  return vectorized
-      ? launch_forward<kCenter, T, W, kVec>(input, weight, bias, output, mean, rstd, rows, cols, eps, stream)
-      : launch_forward<kCenter, T, W, 1>(input, weight, bias, output, mean, rstd, rows, cols, eps, stream);
+  return residual
+      ? forward_packed<kCenter, true>(
+            input, residual, sum_out, weight, bias, output, mean, rstd, rows, cols, eps, stream)
+      : forward_packed<kCenter, false>(
+            input, residual, sum_out, weight, bias, output, mean, rstd, rows, cols, eps, stream);
 }
 
 #define LAYERNORM_EXT_ROW_NORM_ARGS(T, W, acc) \
-  const T*, const W*, const W*, T*, acc*, acc*, int64_t, int64_t, double, cudaStream_t
+  const T*, const T*, T*, const W*, const W*, T*, acc*, acc*, int64_t, int64_t, double, cudaStream_t
 LAYERNORM_EXT_INSTANTIATE_ROW_NORM(row_norm_forward_cuda)
 #undef LAYERNORM_EXT_ROW_NORM_ARGS
 

@@ -249,17 +249,15 @@ def test_batch_norm_kernels(emulated, shape, channels_last, dtypes, training):
 
 @pytest.mark.parametrize("shape, channels_last", [((4, 3, 40, 40), False), ((16, 8, 16, 16), True), ((5000, 6), False)])
 def test_batch_norm_stats_of_channels_with_a_large_mean(emulated, shape, channels_last):
-    """mean 1e4, spread 1 in float32: the Welford/Chan statistics keep the
-    spread (E[x^2] - E[x]^2 would lose all of it), within 1.5x the CPU
-    kernels' error (their shifted sums are exact to the mean's own rounding;
-    the CUDA reductions are about 1.35x that here)."""
+    """mean 1e4, spread 1 in float32: as exact as the CPU kernels, whose error
+    is the float32 rounding of the mean itself."""
     x = batch_norm_input(shape, channels_last, torch.float64).sub(0.5).div(2).add(1e4).float()
     if channels_last:
         x = x.contiguous(memory_format=memory_format_of(x))
     reference = F.batch_norm(x.double(), None, None, training=True, eps=1e-5)
     error = (emulated.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)[0].double() - reference).abs().max()
     cpu_error = (CPU.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)[0].double() - reference).abs().max()
-    assert error <= 1.5 * cpu_error + 1e-6, (error.item(), cpu_error.item())
+    assert error <= 1.25 * cpu_error + 1e-6, (error.item(), cpu_error.item())
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 5, 5), (3, 4, 0, 5)])

@@ -60,17 +60,23 @@ __device__ __forceinline__ GradSums<acc> shfl_down(const GradSums<acc>& s, int o
           __shfl_down_sync(kFullMask, s.sum_dy_xhat, offset)};
 }
 
-// Training statistics of the input's values.
+// Training statistics of the input's values, as deviations from the
+// channel's first value: a running mean of values near 1e4 rounds at every
+// update, one of deviations near the spread does not (the finalize adds the
+// shift back, rounding the mean once).
 template <typename T>
 struct StatsReducer {
   using acc = acc_t<T>;
   using State = Welford<acc>;
-  struct Channel {};
+  struct Channel {
+    acc shift;
+  };
   const T* input;
+  int64_t channel_stride;  // channel c's first value is input[c * channel_stride]
 
   __device__ static State identity() { return {0, 0, 0}; }
-  __device__ Channel channel(int64_t) const { return {}; }
-  __device__ void push(State& s, int64_t i, Channel) const { welford_push(s, to_acc(input[i])); }
+  __device__ Channel channel(int64_t c) const { return {to_acc(input[c * channel_stride])}; }
+  __device__ void push(State& s, int64_t i, Channel ch) const { welford_push(s, to_acc(input[i]) - ch.shift); }
   __device__ static State merge(const State& a, const State& b) { return welford_merge(a, b); }
 };
 
@@ -195,8 +201,10 @@ cudaError_t launch_reduce(
 }
 
 // One thread a channel from here on: [C]-sized work.
-template <typename acc>
+template <typename T, typename acc = acc_t<T>>
 __global__ void __launch_bounds__(kFinalizeThreads) training_stats_finalize_kernel(
+    const T* __restrict__ input,
+    int64_t channel_stride,
     const Welford<acc>* __restrict__ partials,
     int64_t splits,
     const acc* __restrict__ weight,
@@ -219,13 +227,16 @@ __global__ void __launch_bounds__(kFinalizeThreads) training_stats_finalize_kern
     // and leaves the running stats as they are, as the CPU kernels and torch
     // do; one value has no unbiased variance and leaves running_var.
     const acc count = static_cast<acc>(s.count);
+    // The partials are of deviations from the channel's first value
+    // (StatsReducer), which an empty batch does not have.
+    const acc mean = s.count > 0 ? to_acc(input[c * channel_stride]) + s.mean : acc(0);
     const acc var = s.count > 0 ? s.m2 / count : acc(0);
     const acc rstd = acc(1) / sqrt(var + eps);
-    save_mean[c] = s.mean;
+    save_mean[c] = mean;
     save_rstd[c] = rstd;
     if (running_mean) {
       new_running_mean[c] = s.count > 0
-          ? momentum * s.mean + (acc(1) - momentum) * running_mean[c]
+          ? momentum * mean + (acc(1) - momentum) * running_mean[c]
           : running_mean[c];
     }
     if (running_var) {
@@ -234,7 +245,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) training_stats_finalize_kern
           ? momentum * unbiased_var + (acc(1) - momentum) * running_var[c]
           : running_var[c];
     }
-    coeffs[c] = {s.mean, weight ? rstd * weight[c] : rstd, bias ? bias[c] : acc(0), acc(0)};
+    coeffs[c] = {mean, weight ? rstd * weight[c] : rstd, bias ? bias[c] : acc(0), acc(0)};
   }
 }
 
@@ -383,13 +394,14 @@ cudaError_t batch_norm_forward_training_cuda(
   const int64_t splits = reduce_splits(layout);
   auto* partials = workspace_partials<Welford<acc>, T>(workspace, layout);
   auto* coeffs = workspace_coeffs<T>(workspace);
-  cudaError_t err = launch_reduce(StatsReducer<T>{input}, partials, layout, splits, stream);
+  const int64_t channel_stride = layout.channels_last ? 1 : layout.inner;
+  cudaError_t err = launch_reduce(StatsReducer<T>{input, channel_stride}, partials, layout, splits, stream);
   if (err != cudaSuccess) return err;
   err = launch(
-      training_stats_finalize_kernel<acc>, finalize_blocks(layout.channels), kFinalizeThreads, 0,
-      stream, partials, splits, weight, bias, running_mean, running_var, save_mean, save_rstd,
-      new_running_mean, new_running_var, coeffs, layout.channels, static_cast<acc>(momentum),
-      static_cast<acc>(eps));
+      training_stats_finalize_kernel<T>, finalize_blocks(layout.channels), kFinalizeThreads, 0,
+      stream, input, channel_stride, partials, splits, weight, bias, running_mean, running_var,
+      save_mean, save_rstd, new_running_mean, new_running_var, coeffs, layout.channels,
+      static_cast<acc>(momentum), static_cast<acc>(eps));
   if (err != cudaSuccess) return err;
   return launch_apply<false>(input, static_cast<const T*>(nullptr), coeffs, output, layout, stream);
 }

@@ -1,4 +1,5 @@
 #include "fiber.h"
+#include "sanitizer.h"
 
 #include <sys/mman.h>
 #include <unistd.h>
@@ -7,17 +8,6 @@
 #include <cstdio>
 #include <cstdlib>
 
-#if defined(__SANITIZE_ADDRESS__)
-#define CUDA_EMULATOR_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define CUDA_EMULATOR_ASAN 1
-#endif
-#endif
-
-#ifdef CUDA_EMULATOR_ASAN
-#include <sanitizer/common_interface_defs.h>
-#endif
 
 namespace cuda_emulator::detail {
 namespace {

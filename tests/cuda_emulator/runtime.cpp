@@ -9,6 +9,7 @@
 // kernel a GPU would hang on, or run with undefined results.
 #include "cuda_emulator.h"
 #include "fiber.h"
+#include "sanitizer.h"
 
 #include <omp.h>
 #include <signal.h>
@@ -22,16 +23,6 @@
 #include <mutex>
 #include <sstream>
 
-#if defined(__SANITIZE_ADDRESS__)
-#define CUDA_EMULATOR_ASAN 1
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
-#define CUDA_EMULATOR_ASAN 1
-#endif
-#endif
-#ifdef CUDA_EMULATOR_ASAN
-#include <sanitizer/asan_interface.h>
-#endif
 
 namespace cuda_emulator {
 namespace detail {

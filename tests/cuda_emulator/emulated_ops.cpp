@@ -4,7 +4,8 @@
 // cuda_emulator.h. Every call runs twice, its threads in ascending and then
 // in descending order between barriers, and fails unless both give the same
 // bits: a kernel that reads what another thread has not yet written (a
-// missing barrier) shows as a difference.
+// missing barrier) shows as a difference. Its outputs and workspaces start as
+// NaN, so an element that no kernel writes shows too.
 #include "../../csrc/op_schemas.h"
 #include "cuda_emulator.h"
 #include "selftest_kernels.h"
@@ -29,8 +30,32 @@ bool same_bits(const at::Tensor& a, const at::Tensor& b) {
   return std::memcmp(ca.const_data_ptr(), cb.const_data_ptr(), ca.nbytes()) == 0;
 }
 
+// While alive, fresh tensors (the glue's outputs and workspaces) start as NaN
+// (integers: their largest value), as torch does under deterministic
+// algorithms, so that an element no kernel writes shows.
+class UnwrittenMemoryShows {
+ public:
+  UnwrittenMemoryShows()
+      : deterministic_(at::globalContext().deterministicAlgorithms()),
+        warn_only_(at::globalContext().deterministicAlgorithmsWarnOnly()),
+        fill_(at::globalContext().deterministicFillUninitializedMemory()) {
+    at::globalContext().setDeterministicAlgorithms(true, warn_only_);
+    at::globalContext().setDeterministicFillUninitializedMemory(true);
+  }
+  ~UnwrittenMemoryShows() {
+    at::globalContext().setDeterministicAlgorithms(deterministic_, warn_only_);
+    at::globalContext().setDeterministicFillUninitializedMemory(fill_);
+  }
+
+ private:
+  bool deterministic_;
+  bool warn_only_;
+  bool fill_;
+};
+
 void run_under_both_schedules(
     const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const UnwrittenMemoryShows unwritten_memory_shows;
   const size_t num_args = op.schema().arguments().size();
   torch::jit::Stack descending(stack->end() - static_cast<std::ptrdiff_t>(num_args), stack->end());
   const auto below_autograd = keys & c10::after_autograd_keyset;

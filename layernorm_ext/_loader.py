@@ -4,7 +4,8 @@
 ``LAYERNORM_EXT_JIT=1``, else the prebuilt ``_C``, and falls back to the JIT
 build when no prebuilt ``_C`` can be imported (a bare source checkout).
 Both register ``TORCH_LIBRARY(layernorm_ext)``, which a process may do once,
-so only one of them is ever loaded.
+so only one of them is ever loaded. A source tree without a build that
+shadows an installed build uses the installed one (:func:`use_installed_build`).
 """
 
 import contextlib

@@ -89,7 +89,7 @@ report_spills() {
     /bytes spill stores/ { match($0, /[0-9]+ bytes spill stores/); stores = substr($0, RSTART, RLENGTH) + 0;
                            match($0, /[0-9]+ bytes spill loads/); loads = substr($0, RSTART, RLENGTH) + 0;
                            if (name != "" && (stores > 0 || loads > 0)) print arch, stores, loads, name; name = "" }' \
-    | c++filt | sort -u)"
+    | c++filt | sort -u | sort -k1,1 -k2,2nr)"
   if [[ -z "$spills" ]]; then
     echo "check_cuda_kernels: no kernel spills registers (ptxas)"
     return 0

@@ -71,7 +71,6 @@ def test_jit_build_when_asked(bare_checkout, extensions_dir):
     assert info["openmp"] is True
 
 
-@pytest.mark.slow
 def test_bare_checkout_uses_the_installed_build(bare_checkout, extensions_dir):
     """A source tree without a build, first on sys.path, loads the build this
     process loaded (the installed one, saying so) instead of JIT-building itself."""

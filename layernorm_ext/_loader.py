@@ -15,6 +15,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -75,9 +76,24 @@ def load_jit(verbose: bool = False, build_directory: str | None = None):
 # folder and waits, forever, while it exists; a builder killed mid-build leaves
 # it behind. Our builders first take an flock on a file beside it, which the
 # kernel releases when its holder dies: whoever holds the flock is the only live
-# builder of ours, so a "lock" it finds was left by a dead one.
+# builder of ours, so a "lock" it finds was left by a dead one. The dead one's
+# ninja may still be compiling there (killing a process leaves its children):
+# it is waited for, found by its current folder.
 _BUILDER_FLOCK_NAME = "layernorm_ext_builder.flock"
 _TORCH_LOCK_NAME = "lock"
+
+
+def _processes_working_in(directory: Path) -> list[int]:
+    """The processes whose current folder is ``directory`` (Linux's /proc; none elsewhere)."""
+    target = str(directory.resolve())
+    pids = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if os.readlink(entry / "cwd") == target:
+                pids.append(int(entry.name))
+        except OSError:  # gone, or not ours to read
+            continue
+    return pids
 
 
 @contextlib.contextmanager
@@ -94,6 +110,15 @@ def _exclusive_build(build_directory: Path):
             )
             fcntl.flock(flock_file, fcntl.LOCK_EX)
         stale_lock = build_directory / _TORCH_LOCK_NAME
+        if stale_lock.exists() and (orphans := _processes_working_in(build_directory)):
+            print(
+                f"layernorm_ext: waiting for processes {orphans}, left compiling in "
+                f"{build_directory} by a build that was killed",
+                file=sys.stderr,
+                flush=True,
+            )
+            while _processes_working_in(build_directory):
+                time.sleep(1)
         if stale_lock.exists():
             print(
                 f"layernorm_ext: removing {stale_lock}, left by a build that was killed (no "

@@ -19,7 +19,7 @@ def test_kernels_run_clean_under_asan_and_ubsan(tmp_path):
     run(["cmake", "-S", ROOT, "-B", build, f"-DCMAKE_PREFIX_PATH={torch.utils.cmake_prefix_path}",
          "-DLAYERNORM_EXT_SANITIZE=ON", "-DLAYERNORM_EXT_CUDA=OFF", "-DCMAKE_BUILD_TYPE=RelWithDebInfo"],
         cwd=tmp_path)
-    run(["cmake", "--build", build, "-j2"], cwd=tmp_path)
+    run(["cmake", "--build", build, "-j2"], cwd=tmp_path, timeout=1800)
     linked = subprocess.run(["ldd", build / "test_dispatcher"], capture_output=True, text=True).stdout
     assert "libasan" in linked and "libubsan" in linked, linked
     # Leak detection is off: torch's own static objects live until exit.

@@ -5,7 +5,6 @@ the extension is built against the torch you have.
 """
 
 import importlib.util
-import os
 import shutil
 from pathlib import Path
 
@@ -13,19 +12,16 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("_sources", ROOT / "layernorm_ext" / "_sources.py")
 sources = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sources)
 
+# Before torch's build helpers are imported: they read CUDA_HOME once.
+WITH_CUDA = sources.configure_cuda_build(torch)
 
-def with_cuda() -> bool:
-    forced = os.environ.get("LAYERNORM_EXT_CUDA")
-    if forced in ("0", "1"):
-        return forced == "1"
-    return torch.version.cuda is not None and CUDA_HOME is not None
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
 
 
 class BuildPyWithSources(build_py):
@@ -41,7 +37,7 @@ class BuildPyWithSources(build_py):
 def extension():
     csrc = ROOT / "csrc"
     cpu = [str(p.relative_to(ROOT)) for p in sources.cpu_sources(csrc)]
-    if with_cuda():
+    if WITH_CUDA:
         cuda = [str(p.relative_to(ROOT)) for p in sources.cuda_sources(csrc)]
         return CUDAExtension(
             "layernorm_ext._C",

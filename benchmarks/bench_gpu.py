@@ -33,8 +33,9 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
+# The installed layernorm_ext (pip install --no-build-isolation .), not the
+# source tree, which has no build of its own.
 import layernorm_ext
 from _report import git_commit
 

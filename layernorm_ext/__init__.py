@@ -8,7 +8,11 @@ fake tensors supported).
 
 from torch.fx import wrap as _fx_wrap
 
-from ._loader import build_info, ensure_loaded, load_jit
+from . import _loader
+
+_loader.use_installed_build(__path__)
+
+from ._loader import build_info, ensure_loaded, load_jit  # noqa: E402
 
 ensure_loaded()
 

@@ -4,8 +4,6 @@ holds, and the tensors it makes behave like any other CPU tensor."""
 
 import os
 import pickle
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -13,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import layernorm_ext
+from child_python import run_python
 
 ROWS, COLS = 256, 1024  # 1 MiB of float32: above the cache's 256 KiB floor
 LIMIT = 1 << 30
@@ -167,10 +166,7 @@ def _run_python(code, **env):
     """Runs `code` in a fresh interpreter; an env value of None unsets it."""
     environment = {**os.environ, **env}
     environment = {name: value for name, value in environment.items() if value is not None}
-    return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
-        env=environment,
-    )
+    return run_python(["-c", code], env=environment, check=True, timeout=120)
 
 
 def test_growing_sizes_reuse_blocks_of_their_size_class():

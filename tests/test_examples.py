@@ -4,11 +4,11 @@ example claims to show (and writing the PNGs to a temporary folder, never docs/)
 import importlib.util
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from child_python import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -76,21 +76,9 @@ def test_statistics_hand_written_layer_norm_is_smaller_by_sqrt_n_minus_1_over_n(
 
 
 def test_statistics_script_quick_mode_writes_its_png(tmp_path):
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])
-    )
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "examples", "statistics.py"),
-            "--quick",
-            "--out",
-            str(tmp_path),
-        ],
-        env=env,
+    done = run_python(
+        [os.path.join(ROOT, "examples", "statistics.py"), "--quick", "--out", str(tmp_path)],
         check=False,
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from child_python import run_python
+
 import torch
 import torch.nn.functional as F
 
@@ -25,18 +27,7 @@ EXPECTED_OPS = {
 
 
 def run_module(*args):
-    env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "layernorm_ext", *args],
-        check=False,
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_python(["-m", "layernorm_ext", *args], check=False, timeout=300)
 
 
 def expected_devices():
@@ -84,6 +75,28 @@ def test_json_report_passes():
         assert row["ours_ms"] > 0 and row["torch_ms"] > 0
         assert abs(row["speedup"] - row["torch_ms"] / row["ours_ms"]) < 1e-9
         assert row["dtype"] == "float32"
+
+
+def test_main_command_in_the_repository_root_uses_the_tested_build(tmp_path):
+    """The README's main command, typed in the repository root, whose source
+    tree comes first on sys.path: it runs the build this process tests (the
+    installed one, named in one line, when the source tree has no build of its
+    own), never a JIT build of the source tree."""
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    # A JIT build would land here, not in a cache that may hold one already.
+    env["TORCH_EXTENSIONS_DIR"] = str(tmp_path)
+    prebuilt = layernorm_ext.build_info()["source"] == "prebuilt"
+    result = subprocess.run(
+        [sys.executable, "-m", "layernorm_ext", "--json", "--no-speed"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert json.loads(result.stdout)["build_info"]["source"] == layernorm_ext.build_info()["source"]
+    assert not (prebuilt and any(tmp_path.iterdir())), "the source tree was JIT-built"
+    tested = Path(layernorm_ext.__path__[0])
+    if tested != ROOT / "layernorm_ext":
+        (note,) = [line for line in result.stderr.splitlines() if "shadows" in line]
+        assert f"using the installed build in {tested}" in note
 
 
 def run_in_process(capsys, *args):

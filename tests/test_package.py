@@ -71,12 +71,51 @@ def test_jit_build_when_asked(bare_checkout, extensions_dir):
     assert info["openmp"] is True
 
 
-@pytest.mark.slow
-def test_bare_checkout_falls_back_to_jit(bare_checkout, extensions_dir):
-    info = run_child(bare_checkout, extensions_dir)
-    assert info["source"] == "jit"
-    # The sources and flags are unchanged, so the cached build is reused.
-    assert any(extensions_dir.rglob("*.so"))
+def test_bare_checkout_uses_the_installed_build(bare_checkout, extensions_dir):
+    """A source tree without a build, first on sys.path, loads the build this
+    process loaded (the installed one, saying so) instead of JIT-building itself."""
+    environment = dict(os.environ, PYTHONPATH=str(bare_checkout),
+                       TORCH_EXTENSIONS_DIR=str(extensions_dir))
+    environment.pop("LAYERNORM_EXT_JIT", None)
+    result = subprocess.run([sys.executable, "-c", CHILD], cwd=bare_checkout, env=environment,
+                            capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stderr[-4000:]
+    info = json.loads(result.stdout.strip().splitlines()[-1])
+    if layernorm_ext.build_info()["source"] == "prebuilt":
+        assert info["source"] == "prebuilt"
+        (note,) = [line for line in result.stderr.splitlines() if "shadows" in line]
+        assert str(bare_checkout) in note and layernorm_ext.__path__[0] in note
+
+
+def test_jit_fallback_when_no_build_is_installed(tmp_path):
+    """installed_build_shadowed_by finds a layernorm_ext with a _C on the rest of
+    the path, and nothing (so: the JIT build) when none has one."""
+    from importlib.machinery import EXTENSION_SUFFIXES
+
+    from layernorm_ext._loader import installed_build_shadowed_by
+
+    tree, site = tmp_path / "checkout" / "layernorm_ext", tmp_path / "site" / "layernorm_ext"
+    for package in (tree, site):
+        package.mkdir(parents=True)
+        (package / "__init__.py").write_text("")
+    search_path = [str(tree.parent), str(site.parent)]
+    assert installed_build_shadowed_by(tree, search_path) is None
+    (site / f"_C{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    assert installed_build_shadowed_by(tree, search_path) == site
+    # A tree with a build of its own (pip install -e, build_ext --inplace) is used as it is.
+    (tree / f"_C{EXTENSION_SUFFIXES[0]}").write_bytes(b"")
+    assert installed_build_shadowed_by(tree, search_path) is None
+
+
+def test_stale_jit_lock_is_removed(tmp_path, capsys):
+    """torch's builder waits forever on the lock file a killed build left; the
+    loader removes it once it holds the builders' flock (so no builder is alive)."""
+    from layernorm_ext._loader import _exclusive_build
+
+    (tmp_path / "lock").write_text("")
+    with _exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    assert f"removing {tmp_path / 'lock'}, left by a build that was killed" in capsys.readouterr().err
 
 
 def test_ci_runs_the_readme_test_command():

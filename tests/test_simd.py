@@ -6,7 +6,6 @@ LAYERNORM_EXT_SIMD controls."""
 
 import functools
 import os
-import subprocess
 import sys
 
 import pytest
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 import layernorm_ext
 from layernorm_ext import _loader
+from child_python import run_python
 
 LEVELS = ["avx512", "avx2", "scalar"]
 _C = _loader.ensure_loaded()
@@ -29,9 +29,8 @@ def _runnable_levels():
 @functools.lru_cache(maxsize=None)
 def _default_level():
     """The level a fresh process picks with no LAYERNORM_EXT_SIMD."""
-    result = subprocess.run(
-        [sys.executable, "-c", "import layernorm_ext; print(layernorm_ext.build_info()['simd'])"],
-        capture_output=True, text=True, check=True,
+    result = run_python(
+        ["-c", "import layernorm_ext; print(layernorm_ext.build_info()['simd'])"], check=True,
         env={k: v for k, v in os.environ.items() if k != "LAYERNORM_EXT_SIMD"},
     )
     return result.stdout.strip().splitlines()[-1]
@@ -68,11 +67,11 @@ def test_environment_variable_selects_the_level():
         "import torch, layernorm_ext; print(layernorm_ext.build_info()['simd']); "
         "print(layernorm_ext.layer_norm(torch.ones(2, 3), (3,)).sum().item())"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = run_python(["-c", code], env=env)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[0] == "scalar"
     env["LAYERNORM_EXT_SIMD"] = "sse9"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = run_python(["-c", code], env=env)
     assert out.returncode != 0 and "unknown SIMD level 'sse9'" in out.stderr
 
 

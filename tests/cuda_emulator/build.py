@@ -8,7 +8,7 @@ with LAYERNORM_EXT_CUDA_EMULATOR defined) into a torch extension whose ops are
 headers give the types (cuda_fp16.h, cuda_bf16.h, cuda_runtime_api.h); no CUDA
 library is linked and no GPU is needed.
 
-``load()`` builds once into ``build/cuda_emulated[_asan]`` under the
+``load()`` builds once into ``build/cuda_emulated[_asan]-torch<version>`` under the
 repository root (or ``LAYERNORM_EXT_EMULATOR_BUILD_DIR``) and rebuilds only
 what changed. ``LAYERNORM_EXT_EMULATOR_SANITIZE=address`` (or
 ``load(sanitize=True)``) builds with AddressSanitizer, whose runtime must then be
@@ -90,9 +90,12 @@ def _kernel_units(build_dir: Path) -> list[Path]:
 
 
 def build_directory(sanitize: bool) -> Path:
+    """One folder per torch version (its ABI) and sanitizer choice."""
+    import torch
+
     base = os.environ.get("LAYERNORM_EXT_EMULATOR_BUILD_DIR")
     base = Path(base) if base else ROOT / "build"
-    return base / ("cuda_emulated_asan" if sanitize else "cuda_emulated")
+    return base / f"cuda_emulated{'_asan' if sanitize else ''}-torch{torch.__version__.replace('+', '_')}"
 
 
 def _wants_sanitizer() -> bool:

@@ -24,18 +24,18 @@ EPS = 1e-5
 MOMENTUM = 0.1
 
 
-def _tolerances(float64, float32, bfloat16, float16):
-    """dtype -> dict(atol=, rtol=), the same value for both: a few roundings of
-    the dtype relative to the outputs' unit scale (float32 accumulation for
-    the 16-bit types)."""
-    values = {torch.float64: float64, torch.float32: float32, torch.bfloat16: bfloat16,
-              torch.float16: float16}
-    return {dtype: {"atol": tol, "rtol": tol} for dtype, tol in values.items()}
-
-
-ROW_NORM_TOLERANCES = _tolerances(float64=1e-12, float32=2e-5, bfloat16=1.6e-2, float16=2e-3)
-# Per-channel sums over the whole batch: more roundings than a row's.
-BATCH_NORM_TOLERANCES = _tolerances(float64=1e-9, float32=1e-4, bfloat16=3e-2, float16=1e-2)
+# Our result against the float64 reference, by dtype, for every op: a few
+# roundings of the dtype relative to the outputs' unit scale (float32
+# accumulation for the 16-bit types).
+TOLERANCES = {
+    dtype: {"atol": tol, "rtol": tol}
+    for dtype, tol in (
+        (torch.float64, 1e-12),
+        (torch.float32, 2e-5),
+        (torch.bfloat16, 1.6e-2),
+        (torch.float16, 2e-3),
+    )
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,8 +140,9 @@ def _random(shape, dtype, device, generator, scale=3.0, shift=1.0):
         device=device, dtype=dtype)
 
 
-def _in_layout(shape, layout, dtype, device, generator, **values):
-    """Fresh random data of `shape` in `layout`: "contiguous"; "transposed" (a
+def make_tensor(shape, dtype, device="cpu", layout="contiguous", generator=None, **values):
+    """Fresh random data of `shape` (mean 1 and std 3 unless `shift` and
+    `scale` say otherwise) in `layout`: "contiguous"; "transposed" (a
     permuted view with the dims reversed); "strided" (every other element of
     the last dim); "channels_last" (channels_last / channels_last_3d)."""
     shape = tuple(shape)
@@ -217,10 +218,10 @@ def _row_norm_sampler(has_bias, residual):
         with_weight, with_bias = AFFINE[affine]
         if with_bias and not has_bias:
             raise ValueError(f"affine={affine!r}: this op takes no bias")
-        x = _in_layout(shape, layout, dtype, device, generator).requires_grad_(requires_grad)
+        x = make_tensor(shape, dtype, device, layout, generator).requires_grad_(requires_grad)
         args = [x]
         if residual:
-            args.append(_in_layout(shape, layout, dtype, device, generator).requires_grad_(requires_grad))
+            args.append(make_tensor(shape, dtype, device, layout, generator).requires_grad_(requires_grad))
         pdtype = param_dtype or dtype
         params = [_parameter(normalized_shape, pdtype, device, generator, requires_grad) if wanted else None
                   for wanted in (with_weight, with_bias)[: 2 if has_bias else 1]]
@@ -341,7 +342,7 @@ def _batch_norm_make_sample(shape, device, dtype, requires_grad=False, *, layout
     running statistics (in the parameters' dtype) unless running_stats=False."""
     channels = shape[1] if len(shape) > 1 else 0
     pdtype = param_dtype or dtype
-    x = _in_layout(shape, layout, dtype, device, generator, scale=2.0, shift=0.5)
+    x = make_tensor(shape, dtype, device, layout, generator, scale=2.0, shift=0.5)
     with_weight, with_bias = AFFINE[affine]
     weight = (_random((channels,), pdtype, device, generator, scale=0.5, shift=1.0)
               .requires_grad_(requires_grad) if with_weight else None)
@@ -401,7 +402,7 @@ def _row_norm_info(name, op, ref, forward, backward, forward_op, backward_op, ha
     make_sample, sample_inputs = _row_norm_sampler(has_bias, residual)
     return OpInfo(
         name=name, op=op, ref=ref, sample_inputs=sample_inputs, make_sample=make_sample,
-        tolerances=ROW_NORM_TOLERANCES, forward_op=forward_op, backward_op=backward_op,
+        tolerances=TOLERANCES, forward_op=forward_op, backward_op=backward_op,
         call_forward=forward, call_backward=backward,
         backward_outputs=("input", "weight", "bias") if has_bias else ("input", "weight"),
     )
@@ -417,7 +418,7 @@ OP_DB = [
     OpInfo(
         name="batch_norm", op=layernorm_ext.batch_norm, ref=F.batch_norm,
         sample_inputs=_batch_norm_sample_inputs, make_sample=_batch_norm_make_sample,
-        tolerances=BATCH_NORM_TOLERANCES, forward_op="batch_norm_forward",
+        tolerances=TOLERANCES, forward_op="batch_norm_forward",
         backward_op="batch_norm_backward", call_forward=_batch_norm_forward,
         call_backward=_batch_norm_backward, backward_outputs=("input", "weight", "bias"),
     ),

@@ -1,6 +1,7 @@
 """BatchNorm: layernorm_ext.batch_norm and BatchNorm1d/2d/3d against torch.nn
-(float64 references), autograd, state_dict, errors, determinism, opcheck and
-torch.compile."""
+(float64 references), autograd, state_dict, errors, determinism and torch.compile
+(its float64 parity over the registry's samples is in
+test_float64_reference.py, opcheck in test_opcheck.py)."""
 
 import re
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import layernorm_ext
+from layernorm_ext.op_db import op_info
 
 _ops = torch.ops.layernorm_ext
 
@@ -20,13 +22,7 @@ MODULES = {
     5: (layernorm_ext.BatchNorm3d, torch.nn.BatchNorm3d),
 }
 
-# Tolerances against a float64 reference, by input dtype.
-TOLERANCES = {
-    torch.float64: {"rtol": 1e-9, "atol": 1e-9},
-    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
-    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
-    torch.bfloat16: {"rtol": 3e-2, "atol": 3e-2},
-}
+TOLERANCES = op_info("batch_norm").tolerances
 
 
 @dataclass
@@ -548,34 +544,6 @@ def test_same_bits_for_any_thread_count(sample):
 
 
 # --------------------------------------------------------------------------- op registration
-
-
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize(
-    "sample",
-    [
-        Sample((4, 3, 5)),
-        Sample((3, 4, 3, 5), "channels_last"),
-        Sample((6, 5), dtype=torch.float16, param_dtype=torch.float32),
-    ],
-    ids=str,
-)
-def test_opcheck(sample, training):
-    torch.manual_seed(10)
-    x = sample.input().requires_grad_()
-    channels = sample.shape[1]
-    pdtype = sample.param_dtype or sample.dtype
-    w = (torch.rand(channels) + 0.5).to(pdtype).requires_grad_()
-    b = torch.randn(channels).to(pdtype).requires_grad_()
-    rm, rv = torch.randn(channels).to(pdtype), (torch.rand(channels) + 0.5).to(pdtype)
-    torch.library.opcheck(_ops.batch_norm_forward, (x, w, b, rm, rv, training, 0.1, 1e-5))
-    with torch.no_grad():
-        _, mean, rstd, _, _ = _ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
-    dy = torch.randn_like(x)
-    torch.library.opcheck(
-        _ops.batch_norm_backward,
-        (dy, x.detach(), w.detach(), b.detach(), mean, rstd, training, [True, True, True]),
-    )
 
 
 class ConvBN(torch.nn.Module):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import layernorm_ext
-from samples import make_input
+from layernorm_ext.op_db import make_tensor
 
 
 @dataclasses.dataclass
@@ -32,7 +32,7 @@ class Case:
         return self.name
 
     def tensors(self, dtype=torch.float64):
-        return tuple(make_input(shape, dtype) for shape in self.shapes)
+        return tuple(make_tensor(shape, dtype) for shape in self.shapes)
 
 
 def _fused_ref(norm):
@@ -126,7 +126,7 @@ def test_forward_ad_matches_torch(case, requires_grad):
 def test_forward_ad_with_a_tangent_on_one_argument(case):
     """A tangent on the last argument only (the bias, the weight, or the input)."""
     primals = case.tensors()
-    tangent = make_input(case.shapes[-1], torch.float64)
+    tangent = make_tensor(case.shapes[-1], torch.float64)
 
     def tangents_of(fn):
         with fwAD.dual_level():
@@ -170,7 +170,7 @@ def test_func_grad_and_vjp_match_torch(case):
     args = case.tensors()
     argnums = tuple(range(len(args)))
     _assert_close(grad(_scalar(case.ours), argnums)(*args), grad(_scalar(case.ref), argnums)(*args))
-    cotangents = tuple(make_input(o.shape, torch.float64) for o in _flat(case.ref(*args)))
+    cotangents = tuple(make_tensor(o.shape, torch.float64) for o in _flat(case.ref(*args)))
     _, vjp_ours = vjp(case.ours, *args)
     _, vjp_ref = vjp(case.ref, *args)
     cot = cotangents if len(cotangents) > 1 else cotangents[0]
@@ -221,7 +221,7 @@ def test_vmap_matches_torch(case, batched):
         (1 if args[i].dim() >= 2 else 0) if first <= i < last else None for i in range(len(args))
     )
     batched_args = tuple(
-        make_input((*a.shape[:d], size, *a.shape[d:]), torch.float64) if d is not None else a
+        make_tensor((*a.shape[:d], size, *a.shape[d:]), torch.float64) if d is not None else a
         for a, d in zip(args, in_dims)
     )
     _assert_close(vmap(case.ours, in_dims)(*batched_args), vmap(case.ref, in_dims)(*batched_args))
@@ -285,7 +285,7 @@ def test_statistics_tangents_and_gradients():
     """The ops' returned statistics carry tangents and gradients too (aten's
     native_layer_norm gives them zero tangents): against the same statistics
     written in torch ops."""
-    x, w, b, dx, dw, db = (make_input(s, torch.float64) for s in ((6, 5), (5,), (5,)) * 2)
+    x, w, b, dx, dw, db = (make_tensor(s, torch.float64) for s in ((6, 5), (5,), (5,)) * 2)
     ops = torch.ops.layernorm_ext
     cases = [
         (lambda x: ops.layer_norm_forward(x, [5], w, b, 1e-5)[1:], lambda x: _statistics(x, -1)),
@@ -322,7 +322,7 @@ def test_forward_ad_in_other_dtypes(case, dtype):
 
 def test_batch_norm_module_under_forward_ad_updates_running_stats_like_torch():
     ours, theirs = layernorm_ext.BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
-    x, dx = make_input((4, 3, 2, 2), torch.float64), make_input((4, 3, 2, 2), torch.float64)
+    x, dx = make_tensor((4, 3, 2, 2), torch.float64), make_tensor((4, 3, 2, 2), torch.float64)
     results = []
     for module in (ours, theirs):
         with fwAD.dual_level():

@@ -168,8 +168,9 @@ AFFINE = {"both": (True, True), "weight": (True, False), "bias": (False, True), 
 
 
 def _affine_options(affine, has_bias):
-    """The affine option names a sample set covers: every one the op takes when
-    None; True: all parameters; False: none; else the names given."""
+    """The affine option names (keys of AFFINE) a sample set covers: every one
+    the op takes when None; True: all its parameters; False: none; else the
+    names given."""
     if affine is None:
         return [a for a in AFFINE if has_bias or not AFFINE[a][1]]
     if affine is True:
@@ -213,8 +214,9 @@ def _row_norm_sampler(has_bias, residual):
     residual argument)."""
 
     def make_sample(shape, device, dtype, requires_grad=False, *, norm_dims=1, layout="contiguous",
-                    param_dtype=None, affine="both", eps=EPS, generator=None):
+                    param_dtype=None, affine=True, eps=EPS, generator=None):
         normalized_shape = tuple(shape[len(shape) - norm_dims:])
+        (affine,) = _affine_options(affine, has_bias) if isinstance(affine, bool) else (affine,)
         with_weight, with_bias = AFFINE[affine]
         if with_bias and not has_bias:
             raise ValueError(f"affine={affine!r}: this op takes no bias")
@@ -336,13 +338,14 @@ BATCH_NORM_LAYOUTS = ("contiguous", "channels_last", "strided")
 
 
 def _batch_norm_make_sample(shape, device, dtype, requires_grad=False, *, layout="contiguous",
-                            param_dtype=None, affine="both", training=True, running_stats=True,
+                            param_dtype=None, affine=True, training=True, running_stats=True,
                             momentum=MOMENTUM, eps=EPS, generator=None):
     """One batch_norm sample: input of mean 0.5 and std 2; positive weight;
     running statistics (in the parameters' dtype) unless running_stats=False."""
     channels = shape[1] if len(shape) > 1 else 0
     pdtype = param_dtype or dtype
     x = make_tensor(shape, dtype, device, layout, generator, scale=2.0, shift=0.5)
+    (affine,) = _affine_options(affine, True) if isinstance(affine, bool) else (affine,)
     with_weight, with_bias = AFFINE[affine]
     weight = (_random((channels,), pdtype, device, generator, scale=0.5, shift=1.0)
               .requires_grad_(requires_grad) if with_weight else None)

@@ -131,6 +131,22 @@ class OpInfo:
     call_backward: Callable
     backward_outputs: tuple
 
+    def forward_arguments(self, sample) -> tuple:
+        """The arguments call_forward passes the forward op (for opcheck, or a
+        call of one of its kernels)."""
+        return self.call_forward(_ArgumentsOf(), sample)
+
+    def backward_arguments(self, sample, forward_outputs, grad_output, output_mask) -> tuple:
+        """The arguments call_backward passes the backward op."""
+        return self.call_backward(_ArgumentsOf(), sample, forward_outputs, grad_output, output_mask)
+
+
+class _ArgumentsOf:
+    """An op namespace whose ops return their arguments."""
+
+    def __getattr__(self, name):
+        return lambda *args: args
+
 
 # --------------------------------------------------------------------------- sample data
 

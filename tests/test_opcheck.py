@@ -17,14 +17,6 @@ BACKENDS = backend_params("cpu", "cuda")
 DTYPES = [(torch.float32, None), (torch.bfloat16, torch.float32)]
 
 
-class _ArgumentsOf:
-    """An op namespace whose ops return their arguments: call_forward and
-    call_backward on it give the arguments opcheck needs."""
-
-    def __getattr__(self, name):
-        return lambda *args: args
-
-
 def _samples(info, backend, dtype, param_dtype):
     """The small samples with every parameter in each layout, and without
     parameters in the contiguous layout (each opcheck compiles: a fraction of
@@ -40,7 +32,7 @@ def _samples(info, backend, dtype, param_dtype):
 def test_forward_op(info, dtype, param_dtype, backend):
     op = getattr(backend.ops(), info.forward_op)
     for sample in _samples(info, backend, dtype, param_dtype):
-        torch.library.opcheck(op, info.call_forward(_ArgumentsOf(), sample))
+        torch.library.opcheck(op, info.forward_arguments(sample))
 
 
 def _output_masks(count):
@@ -59,5 +51,5 @@ def test_backward_op(info, dtype, param_dtype, backend):
         sample = sample.map_tensors(torch.Tensor.detach)
         forward_outputs = info.call_forward(ops, sample)
         grad_output = torch.randn_like(forward_outputs[0])
-        args = info.call_backward(_ArgumentsOf(), sample, forward_outputs, grad_output, next(masks))
-        torch.library.opcheck(op, args)
+        torch.library.opcheck(
+            op, info.backward_arguments(sample, forward_outputs, grad_output, next(masks)))

@@ -2,12 +2,9 @@
 hessian, vmap, per-sample gradients) through every op, against torch's own
 functions on the same float64 data.
 
-Each case names one of our functions and the torch composition it must equal;
-`CASES` is the sample_inputs of this file: every op, with and without affine
-parameters, BatchNorm in training and eval.
+Each case is an op of the registry on one of its samples: every op, with and
+without affine parameters, BatchNorm in training and eval.
 """
-
-import dataclasses
 
 import pytest
 import torch
@@ -16,66 +13,52 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import layernorm_ext
-from layernorm_ext.op_db import make_tensor
+from layernorm_ext.op_db import make_tensor, op_info
 
 
-@dataclasses.dataclass
 class Case:
-    """fn(*tensors) with ours, ref(*tensors) with torch; `tensors` to make fresh."""
+    """An op of the registry on one float64 sample of `shape` (make_sample
+    `options`), as a function of the tensors that sample differentiates
+    (BatchNorm's running statistics stay constants): `ours` (our functional)
+    and `ref` (torch's) of them; `tensors()` makes fresh ones."""
 
-    name: str
-    ours: object
-    ref: object
-    shapes: tuple  # of the tensor arguments, in order
+    def __init__(self, name, op, shape, **options):
+        self.name, self.info, self.shape, self.options = name, op_info(op), shape, options
+        self.template = self._sample()
+        self.shapes = tuple(t.shape for t in self.tensors())
+        self.ours = self._function(self.info.op)
+        self.ref = self._function(self.info.ref)
 
     def __repr__(self):
         return self.name
 
-    def tensors(self, dtype=torch.float64):
-        return tuple(make_tensor(shape, dtype) for shape in self.shapes)
+    def _sample(self):
+        return self.info.make_sample(self.shape, "cpu", torch.float64, requires_grad=True, **self.options)
 
+    def _function(self, fn):
+        def call(*tensors):
+            replacements = iter(tensors)
+            sample = self.template.map_tensors(lambda t: next(replacements) if t.requires_grad else t)
+            return fn(*sample.args)
 
-def _fused_ref(norm):
-    def ref(x, r, *params):
-        s = x + r
-        return norm(s, *params), s
+        return call
 
-    return ref
+    def tensors(self):
+        return tuple(t.detach() for t in self._sample().tensors() if t.requires_grad)
 
-
-def _bn_eval(fn, mean, var):
-    return lambda x, w, b: fn(x, mean, var.abs() + 0.5, w, b, False, 0.1, 1e-5)
-
-
-_RUNNING_MEAN = torch.randn(3, dtype=torch.float64)
-_RUNNING_VAR = torch.rand(3, dtype=torch.float64)
 
 CASES = [
-    Case("layer_norm", lambda x, w, b: layernorm_ext.layer_norm(x, (5,), w, b),
-         lambda x, w, b: F.layer_norm(x, (5,), w, b), ((3, 5), (5,), (5,))),
-    Case("layer_norm_2d_no_affine", lambda x: layernorm_ext.layer_norm(x, (2, 3)),
-         lambda x: F.layer_norm(x, (2, 3)), ((2, 2, 3),)),
-    Case("layer_norm_weight_only", lambda x, w: layernorm_ext.layer_norm(x, (4,), w),
-         lambda x, w: F.layer_norm(x, (4,), w), ((3, 4), (4,))),
-    Case("rms_norm", lambda x, w: layernorm_ext.rms_norm(x, (5,), w, 1e-6),
-         lambda x, w: F.rms_norm(x, (5,), w, 1e-6), ((3, 5), (5,))),
-    Case("rms_norm_no_weight", lambda x: layernorm_ext.rms_norm(x, (2, 3)),
-         lambda x: F.rms_norm(x, (2, 3)), ((2, 2, 3),)),
-    Case("fused_add_layer_norm",
-         lambda x, r, w, b: layernorm_ext.fused_add_layer_norm(x, r, (5,), w, b),
-         _fused_ref(lambda s, w, b: F.layer_norm(s, (5,), w, b)), ((3, 5), (3, 5), (5,), (5,))),
-    Case("fused_add_rms_norm",
-         lambda x, r, w: layernorm_ext.fused_add_rms_norm(x, r, (5,), w),
-         _fused_ref(lambda s, w: F.rms_norm(s, (5,), w)), ((3, 5), (3, 5), (5,))),
-    Case("batch_norm_train",
-         lambda x, w, b: layernorm_ext.batch_norm(x, None, None, w, b, True),
-         lambda x, w, b: F.batch_norm(x, None, None, w, b, True), ((4, 3, 2), (3,), (3,))),
-    Case("batch_norm_train_no_affine_2d",
-         lambda x: layernorm_ext.batch_norm(x, None, None, training=True),
-         lambda x: F.batch_norm(x, None, None, training=True), ((5, 3),)),
-    Case("batch_norm_eval",
-         _bn_eval(layernorm_ext.batch_norm, _RUNNING_MEAN, _RUNNING_VAR),
-         _bn_eval(F.batch_norm, _RUNNING_MEAN, _RUNNING_VAR), ((4, 3, 2), (3,), (3,))),
+    Case("layer_norm", "layer_norm", (3, 5)),
+    Case("layer_norm_2d_no_affine", "layer_norm", (2, 2, 3), norm_dims=2, affine=False),
+    Case("layer_norm_weight_only", "layer_norm", (3, 4), affine="weight"),
+    Case("rms_norm", "rms_norm", (3, 5), eps=1e-6),
+    Case("rms_norm_no_weight", "rms_norm", (2, 2, 3), norm_dims=2, affine=False),
+    Case("fused_add_layer_norm", "fused_add_layer_norm", (3, 5)),
+    Case("fused_add_rms_norm", "fused_add_rms_norm", (3, 5)),
+    Case("batch_norm_train", "batch_norm", (4, 3, 2), training=True, running_stats=False),
+    Case("batch_norm_train_no_affine_2d", "batch_norm", (5, 3), affine=False, training=True,
+         running_stats=False),
+    Case("batch_norm_eval", "batch_norm", (4, 3, 2), training=False),
 ]
 
 

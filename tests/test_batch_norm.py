@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import layernorm_ext
-from layernorm_ext.op_db import op_info
+from layernorm_ext.op_db import BATCH_NORM_LAYOUTS, BATCH_NORM_SHAPES, DTYPES, op_info
 
 _ops = torch.ops.layernorm_ext
 
@@ -22,67 +22,45 @@ MODULES = {
     5: (layernorm_ext.BatchNorm3d, torch.nn.BatchNorm3d),
 }
 
-TOLERANCES = op_info("batch_norm").tolerances
+BATCH_NORM = op_info("batch_norm")
+TOLERANCES = BATCH_NORM.tolerances
 
 
 @dataclass
 class Sample:
-    shape: tuple
-    layout: str = "contiguous"  # or "channels_last", "strided"
-    dtype: torch.dtype = torch.float32
-    param_dtype: torch.dtype | None = None  # None: the input's dtype
-    mean: float = 0.5
+    """A module test's input: shape, layout (a registry layout) and dtype, and
+    the module's dtype (None: the input's)."""
 
-    def input(self, generator=None, dtype=None):
-        """Fresh random data (mean `mean`, std 2) in the sample's layout."""
-        dtype = dtype or self.dtype
-        shape = self.shape
-        if self.layout == "strided":
-            # Every other element of the last dim: neither contiguous nor channels-last.
-            shape = shape[:-1] + (2 * shape[-1],)
-        x = torch.randn(shape, dtype=torch.float64, generator=generator) * 2 + self.mean
-        x = x.to(dtype)
-        if self.layout == "strided":
-            return x[..., ::2]
-        if self.layout == "channels_last":
-            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-            return x.contiguous(memory_format=fmt)
-        return x
+    shape: tuple
+    layout: str = "contiguous"
+    dtype: torch.dtype = torch.float32
+    param_dtype: torch.dtype | None = None
+
+    def input(self, dtype=None):
+        """Fresh random data in the sample's layout (the registry's batch_norm
+        input values: mean 0.5, std 2)."""
+        return BATCH_NORM.make_sample(self.shape, "cpu", dtype or self.dtype, layout=self.layout).input
 
     def __str__(self):
         return f"{self.shape}-{self.layout}-{str(self.dtype)[6:]}-{str(self.param_dtype)[6:]}"
 
 
-def sample_inputs():
-    """Shapes of 2 to 5 dims in every layout, odd sizes, and the reduced dtypes."""
-    shapes = [
-        (6, 5),
-        (7, 3, 11),
-        (4, 6, 5, 7),
-        (3, 4, 3, 5, 2),
-        (5, 1, 9),  # one channel
-        (1, 3, 13),  # batch of one, spatial > 1
-        (2, 13, 17, 3),  # primes
-        (37, 1),  # 2-D, one channel
-        (300, 130),  # 2-D, several row blocks
+def _module_samples():
+    """Every shape in every layout of the registry's batch_norm samples, in
+    every dtype, and half/bfloat16 inputs to float32 modules."""
+    dtypes = [(dtype, None) for dtype in DTYPES] + [
+        (dtype, torch.float32) for dtype in (torch.float16, torch.bfloat16)
     ]
-    samples = [Sample(s) for s in shapes]
-    samples += [
-        Sample(s, "channels_last")
-        for s in [(4, 6, 5, 7), (3, 4, 3, 5, 2), (2, 13, 17, 3), (2, 67, 3, 5)]
+    return [
+        Sample(shape, layout, dtype, param_dtype)
+        for dtype, param_dtype in dtypes
+        for shape in BATCH_NORM_SHAPES
+        for layout in BATCH_NORM_LAYOUTS
+        if layout != "channels_last" or len(shape) in (4, 5)
     ]
-    samples += [Sample(s, "strided") for s in [(7, 3, 11), (4, 6, 5, 7)]]
-    samples += [Sample((4, 6, 5, 7), dtype=torch.float64), Sample((6, 5), dtype=torch.float64)]
-    for dtype in (torch.float16, torch.bfloat16):
-        samples += [
-            Sample((4, 6, 5, 7), dtype=dtype, param_dtype=torch.float32),
-            Sample((4, 6, 5, 7), "channels_last", dtype=dtype, param_dtype=torch.float32),
-            Sample((7, 3, 11), dtype=dtype),
-        ]
-    return samples
 
 
-SAMPLES = sample_inputs()
+SAMPLES = _module_samples()
 
 
 def make_modules(sample, affine=True, track_running_stats=True, momentum=0.1):

@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import layernorm_ext
-from layernorm_ext.op_db import TOLERANCES
+from layernorm_ext.op_db import DTYPES, TOLERANCES
 
 THREAD_COUNTS = (1, 2, 3, 8)  # 8 on fewer cores still splits the work 8 ways
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 
 # (shape, memory format): many channels (tasks own channel groups, whose
 # number follows the thread count), few channels (tasks own blocks of one

@@ -109,8 +109,8 @@ class OpInfo:
     forward / backward ops.
 
     ``sample_inputs(device, dtype, requires_grad=False, **options)`` yields
-    SampleInputs (see :func:`row_norm_sample_inputs` and
-    :func:`batch_norm_sample_inputs` for the options); ``make_sample(shape,
+    SampleInputs (the options: the docstrings of ``sample_inputs`` in
+    _row_norm_sampler and of _batch_norm_sample_inputs); ``make_sample(shape,
     device, dtype, ...)`` makes one, of an input shape of the caller's choice.
     ``call_forward(ns, sample)`` calls ``ns.<forward_op>`` with the sample's
     arguments; ``call_backward(ns, sample, forward_outputs, grad_output,

@@ -33,11 +33,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import layernorm_ext  # noqa: E402
+from layernorm_ext.op_db import op_info  # noqa: E402
 from _report import cpu_description, git_commit  # noqa: E402
 
 ROW_SHAPES = [(64, 768), (1024, 1024), (8192, 1024), (4096, 4096), (16384, 4096)]
@@ -89,12 +89,13 @@ def row_norm_cases(op, shapes, dtypes):
             w = torch.randn(cols, generator=g).to(dtype)
             b = torch.randn(cols, generator=g).to(dtype) if op == "layer_norm" else None
             dy = torch.randn(rows, cols, generator=g).to(dtype)
+            info = op_info(op)
             if op == "layer_norm":
-                ours = lambda x, w, b: layernorm_ext.layer_norm(x, (x.shape[-1],), w, b)  # noqa: E731
-                theirs = lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b)  # noqa: E731
+                ours = lambda x, w, b, f=info.op: f(x, (x.shape[-1],), w, b)  # noqa: E731
+                theirs = lambda x, w, b, f=info.ref: f(x, (x.shape[-1],), w, b)  # noqa: E731
             else:
-                ours = lambda x, w, b: layernorm_ext.rms_norm(x, (x.shape[-1],), w)  # noqa: E731
-                theirs = lambda x, w, b: F.rms_norm(x, (x.shape[-1],), w)  # noqa: E731
+                ours = lambda x, w, b, f=info.op: f(x, (x.shape[-1],), w)  # noqa: E731
+                theirs = lambda x, w, b, f=info.ref: f(x, (x.shape[-1],), w)  # noqa: E731
             params = 2 if op == "layer_norm" else 1
             data = _nbytes((rows, cols), dtype)
             param = _nbytes((cols,), dtype)
@@ -115,10 +116,8 @@ def row_norm_cases(op, shapes, dtypes):
 def batch_norm_cases(dtypes):
     """BatchNorm training and eval (vs F.batch_norm), NCHW, channels-last and 1d
     (a generator, as row_norm_cases)."""
-    ours_fn = getattr(layernorm_ext, "batch_norm", None)
-    if ours_fn is None:
-        print("layernorm_ext.batch_norm is not in this build: batch_norm skipped", file=sys.stderr)
-        return
+    info = op_info("batch_norm")
+    ours_fn, torch_fn = info.op, info.ref
     for shape, memory_format in BATCH_NORM_SHAPES:
         layout = {torch.channels_last: "NHWC"}.get(memory_format, "NCHW" if len(shape) == 4 else "NC")
         channels = shape[1]
@@ -138,8 +137,8 @@ def batch_norm_cases(dtypes):
             params = 2 * channels * 4
             forward = 2 * data + params + 4 * channels * 4
             backward = 3 * data + params + 2 * channels * 4 + 2 * channels * 4
-            ours_train, torch_train = make(ours_fn, "ours", True), make(F.batch_norm, "torch", True)
-            ours_eval, torch_eval = make(ours_fn, "ours", False), make(F.batch_norm, "torch", False)
+            ours_train, torch_train = make(ours_fn, "ours", True), make(torch_fn, "torch", True)
+            ours_eval, torch_eval = make(ours_fn, "ours", False), make(torch_fn, "torch", False)
             yield Case("batch_norm", "train forward", dtype, shape, layout,
                        lambda: ours_train(x, w, b), lambda: torch_train(x, w, b), forward)
             xg, wg, bg = x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_()

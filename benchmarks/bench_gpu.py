@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # source tree, which has no build of its own.
 import layernorm_ext
 from _report import git_commit
+from layernorm_ext.op_db import op_info
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
 
@@ -171,12 +171,13 @@ def liger_modules():
 def row_norm_impls(kind, cols, dtype, device, with_compile, liger):
     w = torch.randn(cols, device=device, dtype=dtype, requires_grad=True)
     b = torch.randn(cols, device=device, dtype=dtype, requires_grad=True)
+    info = op_info(kind)
     if kind == "layer_norm":
-        ours = lambda x: layernorm_ext.layer_norm(x, [cols], w, b)
-        native = lambda x: F.layer_norm(x, [cols], w, b)
+        ours = lambda x: info.op(x, [cols], w, b)
+        native = lambda x: info.ref(x, [cols], w, b)
     else:
-        ours = lambda x: layernorm_ext.rms_norm(x, [cols], w, 1e-6)
-        native = lambda x: F.rms_norm(x, [cols], w, 1e-6)
+        ours = lambda x: info.op(x, [cols], w, 1e-6)
+        native = lambda x: info.ref(x, [cols], w, 1e-6)
     impls = {"layernorm_ext": ours, "torch": native}
     if with_compile:
         impls["torch.compile"] = torch.compile(native, dynamic=True)
@@ -200,12 +201,13 @@ def batch_norm_impls(channels, dtype, device, with_compile):
     b = torch.randn(channels, device=device, dtype=param_dtype, requires_grad=True)
     ops = torch.ops.layernorm_ext
 
+    info = op_info("batch_norm")
     if hasattr(layernorm_ext, "batch_norm"):
-        ours = lambda x: layernorm_ext.batch_norm(x, None, None, w, b, training=True)
+        ours = lambda x: info.op(x, None, None, w, b, training=True)
     else:  # the op alone (no autograd formula): forward only
         ours = lambda x: ops.batch_norm_forward(x, w, b, None, None, True, 0.1, 1e-5)[0]
 
-    native = lambda x: F.batch_norm(x, None, None, w, b, training=True)
+    native = lambda x: info.ref(x, None, None, w, b, training=True)
     impls = {"layernorm_ext": ours, "torch": native}
     if with_compile:
         impls["torch.compile"] = torch.compile(native, dynamic=True)

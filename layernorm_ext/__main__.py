@@ -17,9 +17,8 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-
 import layernorm_ext
+from layernorm_ext.op_db import OP_DB
 
 # float64 on both sides: the only differences left are rounding in a
 # different order, orders of magnitude below float32's epsilon (1.2e-7).
@@ -31,82 +30,34 @@ SPEED_REPEATS = 7
 
 @dataclasses.dataclass(frozen=True)
 class Op:
-    """One op of the self-check and the speed table.
+    """One op of the self-check and the speed table: an op of op_db.OP_DB,
+    in one mode (``sample_options``, passed to its ``make_sample``).
 
     ``function`` names the layernorm_ext function, looked up when the op is
     run: a function the package lacks is a failed check, not a skipped one.
     ``reference`` is torch's equivalent, with the same arguments and outputs.
-    ``make_args(shape, device, dtype, generator, requires_grad)`` returns
-    fresh random ``(args, kwargs)``; the tensors it gives ``requires_grad``
-    are those whose gradients are compared.
+    The tensors a sample made with ``requires_grad`` marks are those whose
+    gradients are compared.
     """
 
     label: str
     function: str
     reference: Callable
-    make_args: Callable
+    make_sample: Callable
+    sample_options: dict
     check_shape: tuple
     speed_shapes: tuple
 
+    def make_args(self, shape, device, dtype, generator, requires_grad):
+        """Fresh random ``(args, kwargs)`` of an input of ``shape``."""
+        sample = self.make_sample(shape, device, dtype, requires_grad, generator=generator,
+                                  **self.sample_options)
+        return sample.args, sample.kwargs
 
-def _random(shape, device, dtype, generator, requires_grad=False):
+
+def _random(shape, device, dtype, generator):
     values = torch.randn(shape, generator=generator, dtype=torch.float64)
-    return values.to(device=device, dtype=dtype).requires_grad_(requires_grad)
-
-
-def _layer_norm_args(shape, device, dtype, generator, requires_grad):
-    cols = shape[-1]
-    x, weight, bias = (
-        _random(s, device, dtype, generator, requires_grad) for s in (shape, cols, cols)
-    )
-    return (x, (cols,), weight, bias, 1e-5), {}
-
-
-def _rms_norm_args(shape, device, dtype, generator, requires_grad):
-    cols = shape[-1]
-    x, weight = (_random(s, device, dtype, generator, requires_grad) for s in (shape, cols))
-    return (x, (cols,), weight, 1e-6), {}
-
-
-def _with_residual(make_args):
-    """Arguments of the fused residual-add variant: a residual after the input."""
-
-    def make(shape, device, dtype, generator, requires_grad):
-        (x, *rest), kwargs = make_args(shape, device, dtype, generator, requires_grad)
-        residual = _random(shape, device, dtype, generator, requires_grad)
-        return (x, residual, *rest), kwargs
-
-    return make
-
-
-def _fused_add(norm):
-    """torch's equivalent of a fused residual add + norm: ``(norm(x + r), x + r)``."""
-
-    def reference(input, residual, *norm_args):
-        total = input + residual
-        return norm(total, *norm_args), total
-
-    return reference
-
-
-def _batch_norm_args(training):
-    def make(shape, device, dtype, generator, requires_grad):
-        channels = shape[1]
-        x, weight, bias = (
-            _random(s, device, dtype, generator, requires_grad) for s in (shape, channels, channels)
-        )
-        running_mean = _random(channels, device, dtype, generator)
-        running_var = _random(channels, device, dtype, generator).abs_().add_(0.5)
-        kwargs = {
-            "weight": weight,
-            "bias": bias,
-            "training": training,
-            "momentum": 0.1,
-            "eps": 1e-5,
-        }
-        return (x, running_mean, running_var), kwargs
-
-    return make
+    return values.to(device=device, dtype=dtype)
 
 
 ROW_CHECK_SHAPE = (5, 3, 67)
@@ -115,25 +66,24 @@ BATCH_CHECK_SHAPE = (6, 5, 4, 3)
 BATCH_SPEED_SHAPES = ((32, 64, 56, 56),)
 
 
-def _row_op(function, reference, make_args):
-    """A LayerNorm/RMSNorm-like op over the last dim."""
-    return Op(function, function, reference, make_args, ROW_CHECK_SHAPE, ROW_SPEED_SHAPES)
+def _ops() -> tuple:
+    """Each op of OP_DB: the row norms over their last dim, BatchNorm in
+    training and in eval."""
+    ops = []
+    for info in OP_DB:
+        if info.name == "batch_norm":
+            ops += [
+                Op(f"batch_norm ({mode})", info.name, info.ref, info.make_sample,
+                   {"training": mode == "training"}, BATCH_CHECK_SHAPE, BATCH_SPEED_SHAPES)
+                for mode in ("training", "eval")
+            ]
+        else:
+            ops.append(Op(info.name, info.name, info.ref, info.make_sample, {}, ROW_CHECK_SHAPE,
+                          ROW_SPEED_SHAPES))
+    return tuple(ops)
 
 
-def _batch_norm_op(training):
-    label = f"batch_norm ({'training' if training else 'eval'})"
-    make_args = _batch_norm_args(training)
-    return Op(label, "batch_norm", F.batch_norm, make_args, BATCH_CHECK_SHAPE, BATCH_SPEED_SHAPES)
-
-
-OPS = (
-    _row_op("layer_norm", F.layer_norm, _layer_norm_args),
-    _row_op("rms_norm", F.rms_norm, _rms_norm_args),
-    _batch_norm_op(training=True),
-    _batch_norm_op(training=False),
-    _row_op("fused_add_layer_norm", _fused_add(F.layer_norm), _with_residual(_layer_norm_args)),
-    _row_op("fused_add_rms_norm", _fused_add(F.rms_norm), _with_residual(_rms_norm_args)),
-)
+OPS = _ops()
 
 
 def devices() -> list:

@@ -1,6 +1,7 @@
 """BatchNorm: layernorm_ext.batch_norm and BatchNorm1d/2d/3d against torch.nn
-(float64 references), autograd, state_dict, errors, determinism, opcheck and
-torch.compile."""
+(float64 references), autograd, state_dict, errors, determinism and torch.compile
+(its float64 parity over the registry's samples is in
+test_float64_reference.py, opcheck in test_opcheck.py)."""
 
 import re
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import layernorm_ext
+from layernorm_ext.op_db import BATCH_NORM_LAYOUTS, BATCH_NORM_SHAPES, DTYPES, op_info
 
 _ops = torch.ops.layernorm_ext
 
@@ -20,73 +22,45 @@ MODULES = {
     5: (layernorm_ext.BatchNorm3d, torch.nn.BatchNorm3d),
 }
 
-# Tolerances against a float64 reference, by input dtype.
-TOLERANCES = {
-    torch.float64: {"rtol": 1e-9, "atol": 1e-9},
-    torch.float32: {"rtol": 1e-4, "atol": 1e-4},
-    torch.float16: {"rtol": 1e-2, "atol": 1e-2},
-    torch.bfloat16: {"rtol": 3e-2, "atol": 3e-2},
-}
+BATCH_NORM = op_info("batch_norm")
+TOLERANCES = BATCH_NORM.tolerances
 
 
 @dataclass
 class Sample:
-    shape: tuple
-    layout: str = "contiguous"  # or "channels_last", "strided"
-    dtype: torch.dtype = torch.float32
-    param_dtype: torch.dtype | None = None  # None: the input's dtype
-    mean: float = 0.5
+    """A module test's input: shape, layout (a registry layout) and dtype, and
+    the module's dtype (None: the input's)."""
 
-    def input(self, generator=None, dtype=None):
-        """Fresh random data (mean `mean`, std 2) in the sample's layout."""
-        dtype = dtype or self.dtype
-        shape = self.shape
-        if self.layout == "strided":
-            # Every other element of the last dim: neither contiguous nor channels-last.
-            shape = shape[:-1] + (2 * shape[-1],)
-        x = torch.randn(shape, dtype=torch.float64, generator=generator) * 2 + self.mean
-        x = x.to(dtype)
-        if self.layout == "strided":
-            return x[..., ::2]
-        if self.layout == "channels_last":
-            fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-            return x.contiguous(memory_format=fmt)
-        return x
+    shape: tuple
+    layout: str = "contiguous"
+    dtype: torch.dtype = torch.float32
+    param_dtype: torch.dtype | None = None
+
+    def input(self, dtype=None):
+        """Fresh random data in the sample's layout (the registry's batch_norm
+        input values: mean 0.5, std 2)."""
+        return BATCH_NORM.make_sample(self.shape, "cpu", dtype or self.dtype, layout=self.layout).input
 
     def __str__(self):
         return f"{self.shape}-{self.layout}-{str(self.dtype)[6:]}-{str(self.param_dtype)[6:]}"
 
 
-def sample_inputs():
-    """Shapes of 2 to 5 dims in every layout, odd sizes, and the reduced dtypes."""
-    shapes = [
-        (6, 5),
-        (7, 3, 11),
-        (4, 6, 5, 7),
-        (3, 4, 3, 5, 2),
-        (5, 1, 9),  # one channel
-        (1, 3, 13),  # batch of one, spatial > 1
-        (2, 13, 17, 3),  # primes
-        (37, 1),  # 2-D, one channel
-        (300, 130),  # 2-D, several row blocks
+def _module_samples():
+    """Every shape in every layout of the registry's batch_norm samples, in
+    every dtype, and half/bfloat16 inputs to float32 modules."""
+    dtypes = [(dtype, None) for dtype in DTYPES] + [
+        (dtype, torch.float32) for dtype in (torch.float16, torch.bfloat16)
     ]
-    samples = [Sample(s) for s in shapes]
-    samples += [
-        Sample(s, "channels_last")
-        for s in [(4, 6, 5, 7), (3, 4, 3, 5, 2), (2, 13, 17, 3), (2, 67, 3, 5)]
+    return [
+        Sample(shape, layout, dtype, param_dtype)
+        for dtype, param_dtype in dtypes
+        for shape in BATCH_NORM_SHAPES
+        for layout in BATCH_NORM_LAYOUTS
+        if layout != "channels_last" or len(shape) in (4, 5)
     ]
-    samples += [Sample(s, "strided") for s in [(7, 3, 11), (4, 6, 5, 7)]]
-    samples += [Sample((4, 6, 5, 7), dtype=torch.float64), Sample((6, 5), dtype=torch.float64)]
-    for dtype in (torch.float16, torch.bfloat16):
-        samples += [
-            Sample((4, 6, 5, 7), dtype=dtype, param_dtype=torch.float32),
-            Sample((4, 6, 5, 7), "channels_last", dtype=dtype, param_dtype=torch.float32),
-            Sample((7, 3, 11), dtype=dtype),
-        ]
-    return samples
 
 
-SAMPLES = sample_inputs()
+SAMPLES = _module_samples()
 
 
 def make_modules(sample, affine=True, track_running_stats=True, momentum=0.1):
@@ -277,43 +251,6 @@ def test_empty_batch_matches_torch(shape):
 
 
 # --------------------------------------------------------------------------- autograd
-
-
-@pytest.mark.parametrize("affine", [True, False])
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize(
-    "sample",
-    [
-        Sample((5, 3)),
-        Sample((3, 2, 5)),
-        Sample((2, 3, 3, 2)),
-        Sample((2, 3, 3, 2), "channels_last"),
-        Sample((2, 2, 2, 3, 2)),
-    ],
-    ids=str,
-)
-def test_gradcheck(sample, training, affine):
-    torch.manual_seed(5)
-    x = sample.input(dtype=torch.float64).requires_grad_()
-    channels = sample.shape[1]
-    params = (
-        [
-            (torch.rand(channels, dtype=torch.float64) + 0.5).requires_grad_(),
-            torch.randn(channels, dtype=torch.float64, requires_grad=True),
-        ]
-        if affine
-        else [None, None]
-    )
-    running = [
-        torch.randn(channels, dtype=torch.float64),
-        torch.rand(channels, dtype=torch.float64) + 0.5,
-    ]
-
-    def fn(x, w=None, b=None):
-        return layernorm_ext.batch_norm(x, running[0], running[1], w, b, training, 0.1, 1e-5)
-
-    inputs = (x, *params) if affine else (x,)
-    assert torch.autograd.gradcheck(fn, inputs)
 
 
 def test_backward_mask_gives_only_asked_gradients():
@@ -548,34 +485,6 @@ def test_same_bits_for_any_thread_count(sample):
 
 
 # --------------------------------------------------------------------------- op registration
-
-
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize(
-    "sample",
-    [
-        Sample((4, 3, 5)),
-        Sample((3, 4, 3, 5), "channels_last"),
-        Sample((6, 5), dtype=torch.float16, param_dtype=torch.float32),
-    ],
-    ids=str,
-)
-def test_opcheck(sample, training):
-    torch.manual_seed(10)
-    x = sample.input().requires_grad_()
-    channels = sample.shape[1]
-    pdtype = sample.param_dtype or sample.dtype
-    w = (torch.rand(channels) + 0.5).to(pdtype).requires_grad_()
-    b = torch.randn(channels).to(pdtype).requires_grad_()
-    rm, rv = torch.randn(channels).to(pdtype), (torch.rand(channels) + 0.5).to(pdtype)
-    torch.library.opcheck(_ops.batch_norm_forward, (x, w, b, rm, rv, training, 0.1, 1e-5))
-    with torch.no_grad():
-        _, mean, rstd, _, _ = _ops.batch_norm_forward(x, w, b, rm, rv, training, 0.1, 1e-5)
-    dy = torch.randn_like(x)
-    torch.library.opcheck(
-        _ops.batch_norm_backward,
-        (dy, x.detach(), w.detach(), b.detach(), mean, rstd, training, [True, True, True]),
-    )
 
 
 class ConvBN(torch.nn.Module):

@@ -1,42 +1,21 @@
-"""Double backward: the backward ops of every norm have their own derivatives."""
+"""Double backward through the returned statistics and in gradient-penalty
+training steps (gradgradcheck of every op is in test_gradcheck.py)."""
 
 import pytest
 import torch
 
 import layernorm_ext
-from samples import make_input
-
-CASES = [
-    ("layer_norm", (5, 6), 1, "both"),
-    ("layer_norm", (5, 6), 1, "none"),
-    ("layer_norm", (5, 6), 1, "bias"),
-    ("layer_norm", (2, 3, 4), 2, "weight"),
-    ("layer_norm", (3, 1), 1, "both"),
-    ("rms_norm", (5, 6), 1, "weight"),
-    ("rms_norm", (5, 6), 1, "none"),
-    ("rms_norm", (2, 3, 4), 2, "weight"),
-]
+from layernorm_ext.op_db import op_info
 
 
-def make_fn(name, normalized_shape, affine):
-    if name == "layer_norm":
-        return lambda x, w, b: layernorm_ext.layer_norm(x, normalized_shape, w, b)
-    return lambda x, w, b: layernorm_ext.rms_norm(x, normalized_shape, w)
-
-
-@pytest.mark.parametrize("name, shape, ndims, affine", CASES, ids=str)
-def test_gradgradcheck(name, shape, ndims, affine):
-    normalized_shape = shape[len(shape) - ndims :]
-    x = make_input(shape, torch.float64).requires_grad_()
-    w = torch.randn(normalized_shape, dtype=torch.float64, requires_grad=True) if affine in ("both", "weight") else None
-    b = torch.randn(normalized_shape, dtype=torch.float64, requires_grad=True) if affine in ("both", "bias") else None
-    fn = make_fn(name, normalized_shape, affine)
-    assert torch.autograd.gradgradcheck(fn, (x, w, b))
+def _input(shape):
+    """Fresh float64 data of `shape` (the registry's samples' values)."""
+    return op_info("layer_norm").make_sample(shape, "cpu", torch.float64).input
 
 
 @pytest.mark.parametrize("op, outputs", [("layer_norm_forward", (1, 2)), ("rms_norm_forward", (1,))])
 def test_gradients_through_returned_statistics(op, outputs):
-    x = make_input((4, 7), torch.float64).requires_grad_()
+    x = _input((4, 7)).requires_grad_()
     w = torch.randn(7, dtype=torch.float64)
     extra = (w, None) if op == "layer_norm_forward" else (w,)
     fn = lambda x: tuple(getattr(torch.ops.layernorm_ext, op)(x, [7], *extra, 1e-5)[i] for i in outputs)  # noqa: E731
@@ -65,41 +44,8 @@ def test_gradient_penalty_step_matches_torch(ours, theirs):
         torch.testing.assert_close(mine, ref)
 
 
-BATCH_NORM_CASES = [
-    ((4, 3), True, True),
-    ((4, 3), False, True),
-    ((3, 2, 5), True, False),
-    ((2, 3, 2, 2), True, True),
-    ((2, 3, 2, 2), False, True),
-    ((2, 2, 1, 2, 3), True, True),
-]
-
-
-@pytest.mark.parametrize(
-    "shape, training, affine, channels_last",
-    [(*case, False) for case in BATCH_NORM_CASES]
-    + [(*case, True) for case in BATCH_NORM_CASES if len(case[0]) in (4, 5)],
-    ids=str,
-)
-def test_batch_norm_gradgradcheck(shape, training, affine, channels_last):
-    channels = shape[1]
-    x = make_input(shape, torch.float64)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
-    x.requires_grad_()
-    w = torch.randn(channels, dtype=torch.float64, requires_grad=True) if affine else None
-    b = torch.randn(channels, dtype=torch.float64, requires_grad=True) if affine else None
-    running_mean = None if training else torch.randn(channels, dtype=torch.float64)
-    running_var = None if training else torch.rand(channels, dtype=torch.float64) + 0.5
-
-    def fn(x, w, b):
-        return layernorm_ext.batch_norm(x, running_mean, running_var, w, b, training=training)
-
-    assert torch.autograd.gradgradcheck(fn, (x, w, b))
-
-
 def test_batch_norm_gradients_through_returned_statistics():
-    x = make_input((5, 3, 4), torch.float64).requires_grad_()
+    x = _input((5, 3, 4)).requires_grad_()
     fn = lambda x: torch.ops.layernorm_ext.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)[1:3]  # noqa: E731
     assert torch.autograd.gradcheck(fn, (x,))
     assert torch.autograd.gradgradcheck(fn, (x,))

@@ -9,16 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import layernorm_ext
+from layernorm_ext.op_db import op_info
 
-OPS = {
-    "layer_norm": (lambda x, s, w=None: layernorm_ext.layer_norm(x, s, w), lambda x, s, w=None: F.layer_norm(x, s, w)),
-    "rms_norm": (lambda x, s, w=None: layernorm_ext.rms_norm(x, s, w, 1e-5), lambda x, s, w=None: F.rms_norm(x, s, w, 1e-5)),
-}
+ROW_NORMS = [pytest.param(op_info(name), id=name) for name in ("layer_norm", "rms_norm")]
 
 
-@pytest.mark.parametrize("name", OPS)
-def test_nan_and_inf_stay_in_their_row(name):
-    ours, _ = OPS[name]
+@pytest.mark.parametrize("norm", ROW_NORMS)
+def test_nan_and_inf_stay_in_their_row(norm):
+    ours = norm.op
     x = torch.randn(6, 33, requires_grad=True)
     with torch.no_grad():
         x[1, 5] = float("nan")
@@ -32,16 +30,16 @@ def test_nan_and_inf_stay_in_their_row(name):
         assert torch.isfinite(grad_x[r]).all() == (r not in bad_rows), f"grad row {r}"
 
 
-@pytest.mark.parametrize("name", OPS)
-def test_huge_row(name):
-    ours, ref = OPS[name]
+@pytest.mark.parametrize("norm", ROW_NORMS)
+def test_huge_row(norm):
+    ours, ref = norm.op, norm.ref
     x = torch.randn(2, 1 << 20)
     torch.testing.assert_close(ours(x, (1 << 20,)).double(), ref(x.double(), (1 << 20,)), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", OPS)
-def test_half_input_whose_squares_overflow_half(name):
-    ours, ref = OPS[name]
+@pytest.mark.parametrize("norm", ROW_NORMS)
+def test_half_input_whose_squares_overflow_half(norm):
+    ours, ref = norm.op, norm.ref
     x = (torch.randn(4, 64, dtype=torch.float64) * 3000).half()
     assert torch.isinf(x.float().square().half()).any()
     out = ours(x, (64,))
@@ -49,9 +47,9 @@ def test_half_input_whose_squares_overflow_half(name):
     torch.testing.assert_close(out.double(), ref(x.double(), (64,)), atol=3e-3, rtol=3e-3)
 
 
-@pytest.mark.parametrize("name", OPS)
-def test_expanded_input_and_gradient(name):
-    ours, ref = OPS[name]
+@pytest.mark.parametrize("norm", ROW_NORMS)
+def test_expanded_input_and_gradient(norm):
+    ours, ref = norm.op, norm.ref
     base = torch.randn(1, 3, 16, dtype=torch.float64)
     x = base.expand(4, 3, 16).requires_grad_()
     w = torch.randn(16, dtype=torch.float64, requires_grad=True)
@@ -78,9 +76,9 @@ def test_tensor_past_two_to_the_31_elements():
     gc.collect()
 
 
-@pytest.mark.parametrize("name", OPS)
-def test_many_python_threads_at_once(name):
-    ours, ref = OPS[name]
+@pytest.mark.parametrize("norm", ROW_NORMS)
+def test_many_python_threads_at_once(norm):
+    ours, ref = norm.op, norm.ref
     inputs = [torch.randn(64, 257) for _ in range(16)]
     expected = [ours(x, (257,)) for x in inputs]
     results = [None] * len(inputs)
@@ -98,9 +96,9 @@ def test_many_python_threads_at_once(name):
         assert torch.equal(got, want)
 
 
-@pytest.mark.parametrize("name", OPS)
-def test_thread_count_changes_between_calls_change_no_bits(name):
-    ours, _ = OPS[name]
+@pytest.mark.parametrize("norm", ROW_NORMS)
+def test_thread_count_changes_between_calls_change_no_bits(norm):
+    ours = norm.op
     x = torch.randn(300, 1000, requires_grad=True)
     w = torch.randn(1000, requires_grad=True)
     grad = torch.randn(300, 1000)

@@ -1,6 +1,8 @@
-"""fused_add_layer_norm / fused_add_rms_norm: values against float64
-references (F.layer_norm / F.rms_norm of x + r), gradients (gradcheck and
-against the unfused composition), opcheck, torch.compile and bad input."""
+"""fused_add_layer_norm / fused_add_rms_norm: the sum rounded like the
+separate add, gradients (against the unfused composition, through the
+statistics), torch.compile and bad input (their float64 parity over the
+registry's samples is in test_float64_reference.py, gradcheck in
+test_gradcheck.py, opcheck in test_opcheck.py)."""
 
 import pytest
 import torch
@@ -8,96 +10,38 @@ import torch.nn.functional as F
 
 import layernorm_ext
 
-DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-# Tolerances relative to the reference's magnitude: one rounding of the dtype
-# plus float32 accumulation.
-TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-SHAPES = [((0, 8), (8,)), ((1, 1), (1,)), ((3, 5), (5,)), ((4, 7, 33), (7, 33)), ((5, 4099), (4099,))]
+from layernorm_ext.op_db import DTYPES, op_info
+
+FUSED = [pytest.param(op_info(name), id=name) for name in ("fused_add_layer_norm", "fused_add_rms_norm")]
 
 
-def _inputs(shape, normalized_shape, dtype, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 2 + 0.5).to(dtype)
-    r = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    w = torch.randn(normalized_shape, generator=g, dtype=torch.float64).to(dtype)
-    b = torch.randn(normalized_shape, generator=g, dtype=torch.float64).to(dtype)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("fused", FUSED)
+def test_sum_is_rounded_like_the_separate_add(fused, dtype):
+    """The returned sum is input + residual rounded to the dtype, bit for bit,
+    in every layout (its output is checked in test_float64_reference.py)."""
+    for sample in fused.sample_inputs("cpu", dtype):
+        x, r = sample.args[:2]
+        _, total = fused.op(*sample.args)
+        assert total.dtype == dtype and torch.equal(total, x + r), sample
+
+
+def _inputs(shape, normalized_shape, dtype):
+    """x, residual, weight, bias of a fused_add_layer_norm sample."""
+    sample = op_info("fused_add_layer_norm").make_sample(
+        shape, "cpu", dtype, norm_dims=len(normalized_shape))
+    x, r, _, w, b, _ = sample.args
     return x, r, w, b
 
 
-def _assert_close(actual, expected, dtype):
-    scale = max(expected.abs().max().item(), 1.0) if expected.numel() else 1.0
-    torch.testing.assert_close(actual.double(), expected, atol=TOL[dtype] * scale, rtol=0)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,normalized_shape", SHAPES)
-@pytest.mark.parametrize("affine", [True, False])
-def test_layer_norm_matches_float64_reference(dtype, shape, normalized_shape, affine):
-    x, r, w, b = _inputs(shape, normalized_shape, dtype)
-    w, b = (w, b) if affine else (None, None)
-    out, s = layernorm_ext.fused_add_layer_norm(x, r, normalized_shape, w, b, eps=1e-5)
-    # The sum is rounded to the dtype, exactly as the separate add.
-    assert s.dtype == dtype and torch.equal(s, x + r)
-    ref = F.layer_norm(
-        s.double(), normalized_shape,
-        None if w is None else w.double(), None if b is None else b.double(), 1e-5,
-    )
-    assert out.dtype == dtype and out.shape == x.shape
-    _assert_close(out, ref, dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,normalized_shape", SHAPES)
-@pytest.mark.parametrize("affine", [True, False])
-def test_rms_norm_matches_float64_reference(dtype, shape, normalized_shape, affine):
-    x, r, w, _ = _inputs(shape, normalized_shape, dtype, seed=1)
-    w = w if affine else None
-    out, s = layernorm_ext.fused_add_rms_norm(x, r, normalized_shape, w)
-    assert torch.equal(s, x + r)
-    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    ref = F.rms_norm(s.double(), normalized_shape, None if w is None else w.double(), eps)
-    _assert_close(out, ref, dtype)
-
-
-def test_non_contiguous_inputs():
-    x, r, w, b = _inputs((6, 40), (40,), torch.float32, seed=2)
-    xt, rt = x.t().contiguous().t(), r[:, :].clone().t().contiguous().t()
-    assert not xt.is_contiguous()
-    out, s = layernorm_ext.fused_add_layer_norm(xt, rt, (40,), w, b)
-    ref = F.layer_norm((x + r).double(), (40,), w.double(), b.double())
-    _assert_close(out, ref, torch.float32)
-    assert torch.equal(s, x + r)
-
-
-def _gradcheck_inputs(seed):
-    x, r, w, b = _inputs((3, 4, 6), (4, 6), torch.float64, seed=seed)
+def _gradcheck_inputs():
+    x, r, w, b = _inputs((3, 4, 6), (4, 6), torch.float64)
     return [t.requires_grad_() for t in (x, r, w, b)]
-
-
-def test_layer_norm_gradcheck():
-    x, r, w, b = _gradcheck_inputs(3)
-
-    def f(x, r, w, b):
-        out, s = layernorm_ext.fused_add_layer_norm(x, r, (4, 6), w, b)
-        # Both outputs feed the loss, so the sum's own gradient is checked too.
-        return out, s * 0.5
-
-    assert torch.autograd.gradcheck(f, (x, r, w, b))
-
-
-def test_rms_norm_gradcheck():
-    x, r, w, _ = _gradcheck_inputs(4)
-
-    def f(x, r, w):
-        out, s = layernorm_ext.fused_add_rms_norm(x, r, (4, 6), w, eps=1e-6)
-        return out, s * 0.5
-
-    assert torch.autograd.gradcheck(f, (x, r, w))
 
 
 @pytest.mark.parametrize("use_sum", [True, False])
 def test_gradients_match_unfused_composition(use_sum):
-    x, r, w, b = _gradcheck_inputs(5)
+    x, r, w, b = _gradcheck_inputs()
     leaves = [t.detach().clone().requires_grad_() for t in (x, r, w, b)]
     out, s = layernorm_ext.fused_add_layer_norm(x, r, (4, 6), w, b)
     loss = (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum()
@@ -115,7 +59,7 @@ def test_gradients_match_unfused_composition(use_sum):
 
 
 def test_only_residual_requires_grad():
-    x, r, w, _ = _inputs((3, 8), (8,), torch.float64, seed=6)
+    x, r, w, _ = _inputs((3, 8), (8,), torch.float64)
     r.requires_grad_()
     out, _ = layernorm_ext.fused_add_rms_norm(x, r, (8,), w)
     out.sum().backward()
@@ -124,26 +68,8 @@ def test_only_residual_requires_grad():
     torch.testing.assert_close(r.grad, r2.grad)
 
 
-def test_opcheck():
-    for dtype in (torch.float32, torch.bfloat16):
-        x, r, w, b = _inputs((3, 16), (16,), dtype, seed=7)
-        x.requires_grad_()
-        r.requires_grad_()
-        w.requires_grad_()
-        b.requires_grad_()
-        torch.library.opcheck(
-            torch.ops.layernorm_ext.fused_add_layer_norm_forward, (x, r, [16], w, b, 1e-5)
-        )
-        torch.library.opcheck(
-            torch.ops.layernorm_ext.fused_add_layer_norm_forward, (x, r, [16], None, None, 1e-5)
-        )
-        torch.library.opcheck(
-            torch.ops.layernorm_ext.fused_add_rms_norm_forward, (x, r, [16], w, 1e-6)
-        )
-
-
 def test_torch_compile_fullgraph():
-    x, r, w, b = _inputs((4, 32), (32,), torch.float32, seed=8)
+    x, r, w, b = _inputs((4, 32), (32,), torch.float32)
 
     def block(x, r, w, b):
         y, s = layernorm_ext.fused_add_layer_norm(x, r, (32,), w, b)
@@ -166,7 +92,7 @@ def test_bad_residual_raises_clear_errors():
 
 
 def test_gradcheck_through_statistics_and_double_backward():
-    x, r, w, b = _gradcheck_inputs(9)
+    x, r, w, b = _gradcheck_inputs()
 
     def layer(x, r, w, b):
         return torch.ops.layernorm_ext.fused_add_layer_norm_forward(x, r, [4, 6], w, b, 1e-5)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 import layernorm_ext
 from layernorm_ext import _loader
 from child_python import run_python
+from layernorm_ext.op_db import op_info
 
 LEVELS = ["avx512", "avx2", "scalar"]
 _C = _loader.ensure_loaded()
@@ -83,7 +84,8 @@ def test_unknown_level_name_raises():
 # Column counts that cover every tail length of 16-, 8- and 4-lane vectors,
 # the 4-vector unrolled loop and several sum chunks.
 COLS = [1, 3, 7, 8, 15, 16, 17, 31, 33, 64, 100, 513, 1031, 4099]
-TOL = {torch.float32: 2e-5, torch.float64: 1e-12, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+# Relative to the reference's magnitude, the registry's tolerances.
+TOL = {dtype: tolerance["rtol"] for dtype, tolerance in op_info("layer_norm").tolerances.items()}
 
 
 def _rel_err(actual, expected):
@@ -228,7 +230,7 @@ BN_CASES = [
     ((300, 130), torch.contiguous_format),
     ((2000, 5), torch.contiguous_format),
 ]
-BN_TOL = {torch.float32: 1e-4, torch.float64: 1e-9, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+BN_TOL = {dtype: tolerance["rtol"] for dtype, tolerance in op_info("batch_norm").tolerances.items()}
 
 
 @pytest.mark.parametrize("dtype", list(BN_TOL))

@@ -9,11 +9,9 @@ import torch
 import torch.nn.functional as F
 
 import layernorm_ext
+from layernorm_ext.op_db import DTYPES, TOLERANCES
 
 THREAD_COUNTS = (1, 2, 3, 8)  # 8 on fewer cores still splits the work 8 ways
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
-# Against the float64 reference, relative to the outputs' unit scale.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 5e-2}
 
 # (shape, memory format): many channels (tasks own channel groups, whose
 # number follows the thread count), few channels (tasks own blocks of one
@@ -75,7 +73,7 @@ def _assert_close_to_float64(result, reference, dtype):
         expected = reference[name]
         scale = max(1.0, expected.abs().max().item())
         torch.testing.assert_close(
-            value.double(), expected, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype] * scale,
+            value.double(), expected, rtol=TOLERANCES[dtype]["rtol"], atol=TOLERANCES[dtype]["atol"] * scale,
             msg=lambda m: f"{name}: {m}",
         )
 

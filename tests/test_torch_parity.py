@@ -5,15 +5,15 @@ parameters of another dtype, and integer inputs. Every test runs torch on the
 same call and compares: the exception type, or the values against torch's
 float64 result."""
 
+import inspect
 import re
-from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import layernorm_ext
+from layernorm_ext.op_db import EPS, MOMENTUM, OP_DB, SampleInput, op_info
 
 _ops = torch.ops.layernorm_ext
 _CPU_KERNEL = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
@@ -26,112 +26,43 @@ def _seeded():
 
 C = 3  # channels
 D = 5  # normalized features
-MOMENTUM, EPS = 0.1, 1e-5
 
 
-@dataclass
 class Op:
-    """One of our ops next to its torch equivalent. `tensors` makes fresh
-    random arguments (input first); `ours` and `theirs` call with them; `op`
-    gives the forward op and its positional arguments, to call its CPU kernel
-    directly."""
+    """An op of the registry (BatchNorm in one mode) called with its tensor
+    arguments by name, the other arguments those of a registry sample:
+    `tensors` makes fresh random ones (input first); `ours` and `theirs`
+    (torch's reference) call with them; `op` gives the forward op and its
+    positional arguments, to call its CPU kernel directly."""
 
-    name: str
-    tensors: Callable
-    ours: Callable
-    theirs: Callable
-    op: Callable
+    def __init__(self, info, name=None, **options):
+        self.info, self.options, self.name = info, options, name or info.name
+        self.shape = (4, C, 2) if info.name == "batch_norm" else (4, D)
+        self.argument_names = list(inspect.signature(info.op).parameters)
+        self.template = info.make_sample(self.shape, "cpu", torch.float64, **options)
 
+    def tensors(self, dtype=torch.float64):
+        sample = self.info.make_sample(self.shape, "cpu", dtype, **self.options)
+        return {n: a for n, a in zip(self.argument_names, sample.args) if isinstance(a, torch.Tensor)}
 
-def _bn_tensors(dtype=torch.float64):
-    return {
-        "input": torch.randn(4, C, 2, dtype=dtype) * 2 + 0.5,
-        "running_mean": torch.randn(C, dtype=dtype),
-        "running_var": torch.rand(C, dtype=dtype) + 0.5,
-        "weight": torch.randn(C, dtype=dtype),
-        "bias": torch.randn(C, dtype=dtype),
-    }
+    def sample(self, eps=EPS, **tensors):
+        arguments = dict(zip(self.argument_names, self.template.args), **tensors, eps=eps)
+        return SampleInput(tuple(arguments[n] for n in self.argument_names))
 
+    def ours(self, **tensors):
+        return self.info.op(*self.sample(**tensors).args)
 
-def _row_tensors(names):
-    def make(dtype=torch.float64):
-        shapes = {"input": (4, D), "residual": (4, D), "weight": (D,), "bias": (D,)}
-        return {n: torch.randn(shapes[n], dtype=dtype) for n in names}
+    def theirs(self, **tensors):
+        return self.info.ref(*self.sample(**tensors).args)
 
-    return make
-
-
-def _batch_norm_op(training):
-    def call(f):
-        return lambda input, running_mean, running_var, weight, bias, eps=EPS: f(
-            input, running_mean, running_var, weight, bias, training, MOMENTUM, eps
-        )
-
-    return Op(
-        f"batch_norm-{'training' if training else 'eval'}",
-        _bn_tensors,
-        call(layernorm_ext.batch_norm),
-        call(F.batch_norm),
-        lambda input, running_mean, running_var, weight, bias: (
-            _ops.batch_norm_forward.default,
-            (input, weight, bias, running_mean, running_var, training, MOMENTUM, EPS),
-        ),
-    )
+    def op(self, **tensors):
+        overload = getattr(_ops, self.info.forward_op).default
+        return overload, self.info.forward_arguments(self.sample(**tensors))
 
 
-def _torch_fused(norm):
-    def call(input, residual, *args, **kwargs):
-        s = input + residual
-        return norm(s, *args, **kwargs), s
-
-    return call
-
-
-OPS = [
-    _batch_norm_op(True),
-    _batch_norm_op(False),
-    Op(
-        "layer_norm",
-        _row_tensors(["input", "weight", "bias"]),
-        lambda input, weight, bias, eps=EPS: layernorm_ext.layer_norm(input, (D,), weight, bias, eps),
-        lambda input, weight, bias, eps=EPS: F.layer_norm(input, (D,), weight, bias, eps),
-        lambda input, weight, bias: (
-            _ops.layer_norm_forward.default, (input, [D], weight, bias, EPS)
-        ),
-    ),
-    Op(
-        "rms_norm",
-        _row_tensors(["input", "weight"]),
-        lambda input, weight, eps=EPS: layernorm_ext.rms_norm(input, (D,), weight, eps),
-        lambda input, weight, eps=EPS: F.rms_norm(input, (D,), weight, eps),
-        lambda input, weight: (_ops.rms_norm_forward.default, (input, [D], weight, EPS)),
-    ),
-    Op(
-        "fused_add_layer_norm",
-        _row_tensors(["input", "residual", "weight", "bias"]),
-        lambda input, residual, weight, bias, eps=EPS: layernorm_ext.fused_add_layer_norm(
-            input, residual, (D,), weight, bias, eps
-        ),
-        lambda input, residual, weight, bias, eps=EPS: _torch_fused(F.layer_norm)(
-            input, residual, (D,), weight, bias, eps
-        ),
-        lambda input, residual, weight, bias: (
-            _ops.fused_add_layer_norm_forward.default, (input, residual, [D], weight, bias, EPS)
-        ),
-    ),
-    Op(
-        "fused_add_rms_norm",
-        _row_tensors(["input", "residual", "weight"]),
-        lambda input, residual, weight, eps=EPS: layernorm_ext.fused_add_rms_norm(
-            input, residual, (D,), weight, eps
-        ),
-        lambda input, residual, weight, eps=EPS: _torch_fused(F.rms_norm)(
-            input, residual, (D,), weight, eps
-        ),
-        lambda input, residual, weight: (
-            _ops.fused_add_rms_norm_forward.default, (input, residual, [D], weight, EPS)
-        ),
-    ),
+BATCH_NORM_TRAINING = Op(op_info("batch_norm"), "batch_norm-training", training=True)
+OPS = [BATCH_NORM_TRAINING, Op(op_info("batch_norm"), "batch_norm-eval", training=False)] + [
+    Op(info) for info in OP_DB if info.name != "batch_norm"
 ]
 ROW_OPS = [op for op in OPS if not op.name.startswith("batch_norm")]
 
@@ -389,7 +320,7 @@ def test_row_norm_module_eps_of_any_sign_matches_torch(kind, eps):
 @pytest.mark.parametrize("eps", EPSILONS, ids=str)
 @pytest.mark.parametrize("training", [True, False])
 def test_batch_norm_eps_of_any_sign_matches_torch(training, eps):
-    tensors = _bn_tensors()
+    tensors = BATCH_NORM_TRAINING.tensors()
     args = [tensors[k] for k in ("input", "running_mean", "running_var", "weight", "bias")]
     before = [t.clone() for t in args]
     theirs_args = [t.clone() for t in args]

@@ -2,12 +2,9 @@
 hessian, vmap, per-sample gradients) through every op, against torch's own
 functions on the same float64 data.
 
-Each case names one of our functions and the torch composition it must equal;
-`CASES` is the sample_inputs of this file: every op, with and without affine
-parameters, BatchNorm in training and eval.
+Each case is an op of the registry on one of its samples: every op, with and
+without affine parameters, BatchNorm in training and eval.
 """
-
-import dataclasses
 
 import pytest
 import torch
@@ -16,66 +13,52 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, jacfwd, jacrev, jvp, vjp, vmap
 
 import layernorm_ext
-from samples import make_input
+from layernorm_ext.op_db import make_tensor, op_info
 
 
-@dataclasses.dataclass
 class Case:
-    """fn(*tensors) with ours, ref(*tensors) with torch; `tensors` to make fresh."""
+    """An op of the registry on one float64 sample of `shape` (make_sample
+    `options`), as a function of the tensors that sample differentiates
+    (BatchNorm's running statistics stay constants): `ours` (our functional)
+    and `ref` (torch's) of them; `tensors()` makes fresh ones."""
 
-    name: str
-    ours: object
-    ref: object
-    shapes: tuple  # of the tensor arguments, in order
+    def __init__(self, name, op, shape, **options):
+        self.name, self.info, self.shape, self.options = name, op_info(op), shape, options
+        self.template = self._sample()
+        self.shapes = tuple(t.shape for t in self.tensors())
+        self.ours = self._function(self.info.op)
+        self.ref = self._function(self.info.ref)
 
     def __repr__(self):
         return self.name
 
-    def tensors(self, dtype=torch.float64):
-        return tuple(make_input(shape, dtype) for shape in self.shapes)
+    def _sample(self):
+        return self.info.make_sample(self.shape, "cpu", torch.float64, requires_grad=True, **self.options)
 
+    def _function(self, fn):
+        def call(*tensors):
+            replacements = iter(tensors)
+            sample = self.template.map_tensors(lambda t: next(replacements) if t.requires_grad else t)
+            return fn(*sample.args)
 
-def _fused_ref(norm):
-    def ref(x, r, *params):
-        s = x + r
-        return norm(s, *params), s
+        return call
 
-    return ref
+    def tensors(self):
+        return tuple(t.detach() for t in self._sample().tensors() if t.requires_grad)
 
-
-def _bn_eval(fn, mean, var):
-    return lambda x, w, b: fn(x, mean, var.abs() + 0.5, w, b, False, 0.1, 1e-5)
-
-
-_RUNNING_MEAN = torch.randn(3, dtype=torch.float64)
-_RUNNING_VAR = torch.rand(3, dtype=torch.float64)
 
 CASES = [
-    Case("layer_norm", lambda x, w, b: layernorm_ext.layer_norm(x, (5,), w, b),
-         lambda x, w, b: F.layer_norm(x, (5,), w, b), ((3, 5), (5,), (5,))),
-    Case("layer_norm_2d_no_affine", lambda x: layernorm_ext.layer_norm(x, (2, 3)),
-         lambda x: F.layer_norm(x, (2, 3)), ((2, 2, 3),)),
-    Case("layer_norm_weight_only", lambda x, w: layernorm_ext.layer_norm(x, (4,), w),
-         lambda x, w: F.layer_norm(x, (4,), w), ((3, 4), (4,))),
-    Case("rms_norm", lambda x, w: layernorm_ext.rms_norm(x, (5,), w, 1e-6),
-         lambda x, w: F.rms_norm(x, (5,), w, 1e-6), ((3, 5), (5,))),
-    Case("rms_norm_no_weight", lambda x: layernorm_ext.rms_norm(x, (2, 3)),
-         lambda x: F.rms_norm(x, (2, 3)), ((2, 2, 3),)),
-    Case("fused_add_layer_norm",
-         lambda x, r, w, b: layernorm_ext.fused_add_layer_norm(x, r, (5,), w, b),
-         _fused_ref(lambda s, w, b: F.layer_norm(s, (5,), w, b)), ((3, 5), (3, 5), (5,), (5,))),
-    Case("fused_add_rms_norm",
-         lambda x, r, w: layernorm_ext.fused_add_rms_norm(x, r, (5,), w),
-         _fused_ref(lambda s, w: F.rms_norm(s, (5,), w)), ((3, 5), (3, 5), (5,))),
-    Case("batch_norm_train",
-         lambda x, w, b: layernorm_ext.batch_norm(x, None, None, w, b, True),
-         lambda x, w, b: F.batch_norm(x, None, None, w, b, True), ((4, 3, 2), (3,), (3,))),
-    Case("batch_norm_train_no_affine_2d",
-         lambda x: layernorm_ext.batch_norm(x, None, None, training=True),
-         lambda x: F.batch_norm(x, None, None, training=True), ((5, 3),)),
-    Case("batch_norm_eval",
-         _bn_eval(layernorm_ext.batch_norm, _RUNNING_MEAN, _RUNNING_VAR),
-         _bn_eval(F.batch_norm, _RUNNING_MEAN, _RUNNING_VAR), ((4, 3, 2), (3,), (3,))),
+    Case("layer_norm", "layer_norm", (3, 5)),
+    Case("layer_norm_2d_no_affine", "layer_norm", (2, 2, 3), norm_dims=2, affine=False),
+    Case("layer_norm_weight_only", "layer_norm", (3, 4), affine="weight"),
+    Case("rms_norm", "rms_norm", (3, 5), eps=1e-6),
+    Case("rms_norm_no_weight", "rms_norm", (2, 2, 3), norm_dims=2, affine=False),
+    Case("fused_add_layer_norm", "fused_add_layer_norm", (3, 5)),
+    Case("fused_add_rms_norm", "fused_add_rms_norm", (3, 5)),
+    Case("batch_norm_train", "batch_norm", (4, 3, 2), training=True, running_stats=False),
+    Case("batch_norm_train_no_affine_2d", "batch_norm", (5, 3), affine=False, training=True,
+         running_stats=False),
+    Case("batch_norm_eval", "batch_norm", (4, 3, 2), training=False),
 ]
 
 
@@ -126,7 +109,7 @@ def test_forward_ad_matches_torch(case, requires_grad):
 def test_forward_ad_with_a_tangent_on_one_argument(case):
     """A tangent on the last argument only (the bias, the weight, or the input)."""
     primals = case.tensors()
-    tangent = make_input(case.shapes[-1], torch.float64)
+    tangent = make_tensor(case.shapes[-1], torch.float64)
 
     def tangents_of(fn):
         with fwAD.dual_level():
@@ -170,7 +153,7 @@ def test_func_grad_and_vjp_match_torch(case):
     args = case.tensors()
     argnums = tuple(range(len(args)))
     _assert_close(grad(_scalar(case.ours), argnums)(*args), grad(_scalar(case.ref), argnums)(*args))
-    cotangents = tuple(make_input(o.shape, torch.float64) for o in _flat(case.ref(*args)))
+    cotangents = tuple(make_tensor(o.shape, torch.float64) for o in _flat(case.ref(*args)))
     _, vjp_ours = vjp(case.ours, *args)
     _, vjp_ref = vjp(case.ref, *args)
     cot = cotangents if len(cotangents) > 1 else cotangents[0]
@@ -221,7 +204,7 @@ def test_vmap_matches_torch(case, batched):
         (1 if args[i].dim() >= 2 else 0) if first <= i < last else None for i in range(len(args))
     )
     batched_args = tuple(
-        make_input((*a.shape[:d], size, *a.shape[d:]), torch.float64) if d is not None else a
+        make_tensor((*a.shape[:d], size, *a.shape[d:]), torch.float64) if d is not None else a
         for a, d in zip(args, in_dims)
     )
     _assert_close(vmap(case.ours, in_dims)(*batched_args), vmap(case.ref, in_dims)(*batched_args))
@@ -285,7 +268,7 @@ def test_statistics_tangents_and_gradients():
     """The ops' returned statistics carry tangents and gradients too (aten's
     native_layer_norm gives them zero tangents): against the same statistics
     written in torch ops."""
-    x, w, b, dx, dw, db = (make_input(s, torch.float64) for s in ((6, 5), (5,), (5,)) * 2)
+    x, w, b, dx, dw, db = (make_tensor(s, torch.float64) for s in ((6, 5), (5,), (5,)) * 2)
     ops = torch.ops.layernorm_ext
     cases = [
         (lambda x: ops.layer_norm_forward(x, [5], w, b, 1e-5)[1:], lambda x: _statistics(x, -1)),
@@ -322,7 +305,7 @@ def test_forward_ad_in_other_dtypes(case, dtype):
 
 def test_batch_norm_module_under_forward_ad_updates_running_stats_like_torch():
     ours, theirs = layernorm_ext.BatchNorm2d(3).double(), torch.nn.BatchNorm2d(3).double()
-    x, dx = make_input((4, 3, 2, 2), torch.float64), make_input((4, 3, 2, 2), torch.float64)
+    x, dx = make_tensor((4, 3, 2, 2), torch.float64), make_tensor((4, 3, 2, 2), torch.float64)
     results = []
     for module in (ours, theirs):
         with fwAD.dual_level():

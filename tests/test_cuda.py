@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import layernorm_ext
+from layernorm_ext.op_db import DTYPES
 
 _ops = torch.ops.layernorm_ext
 
@@ -31,6 +32,20 @@ TOL = {
     torch.float16: 2e-3,
     torch.bfloat16: 1.5e-2,
 }
+
+
+def poison_allocator(device="cuda", nbytes=1 << 28):
+    """Fills cached device memory with NaN, so an output element that a kernel
+    forgets to write shows up as NaN rather than as a stale plausible value."""
+    torch.cuda.synchronize(device)
+    free = torch.cuda.mem_get_info(device)[0]
+    junk = torch.full((min(nbytes, free // 4) // 4,), float("nan"), device=device)
+    del junk
+
+
+def param_dtypes(dtype):
+    """The parameter dtypes the kernels take with `dtype` input."""
+    return [dtype, torch.float32] if dtype in (torch.float16, torch.bfloat16) else [dtype]
 
 
 def rel_err(out, ref):

@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <map>
 #include <memory>
@@ -181,6 +182,12 @@ const char* op_name(WarpOp op) {
   return "?";
 }
 
+std::string hex(unsigned value) {
+  std::ostringstream s;
+  s << std::hex << value;
+  return s.str();
+}
+
 std::string describe(const uint3& i) {
   std::ostringstream s;
   s << "(" << i.x << ", " << i.y << ", " << i.z << ")";
@@ -296,34 +303,34 @@ struct BlockRunner {
     return false;
   }
 
+  // "block ..., thread ...: <collective> with mask 0x...", the opening of a
+  // report about `th`'s collective (built only when there is one to make).
+  std::string at_collective(const Thread& th) const {
+    return "block " + describe(block_idx) + ", thread " + describe(th.index) + ": " + op_name(th.op) +
+        " with mask 0x" + hex(th.mask);
+  }
+
   // Why lane `th`'s collective cannot complete (empty: it can).
-  std::string check_group(int first, int lanes, const Thread& th) {
-    std::ostringstream s;
-    s << "block " << describe(block_idx) << ", thread " << describe(th.index) << ": " << op_name(th.op)
-      << " with mask 0x" << std::hex << th.mask << std::dec;
+  std::string check_group(int first, int lanes, const Thread& th) const {
     if (!(th.mask >> th.lane & 1u)) {
-      return s.str() + ": the calling lane " + std::to_string(th.lane) + " is not in the mask";
+      return at_collective(th) + ": the calling lane " + std::to_string(th.lane) + " is not in the mask";
     }
     for (int l = 0; l < kWarpSize; ++l) {
       if (!(th.mask >> l & 1u)) continue;
-      if (l >= lanes) return s.str() + ": lane " + std::to_string(l) + " does not exist (the block has " +
-                             std::to_string(count) + " threads)";
-      const Thread& other = *threads[first + l];
-      if (other.state == State::exited) return s.str() + ": lane " + std::to_string(l) + " has returned";
-      if (other.state == State::at_barrier) {
-        return s.str() + ": lane " + std::to_string(l) + " waits at __syncthreads";
+      const std::string lane = ": lane " + std::to_string(l);
+      if (l >= lanes) {
+        return at_collective(th) + lane + " does not exist (the block has " + std::to_string(count) + " threads)";
       }
+      const Thread& other = *threads[first + l];
+      if (other.state == State::exited) return at_collective(th) + lane + " has returned";
+      if (other.state == State::at_barrier) return at_collective(th) + lane + " waits at __syncthreads";
       if (other.op != th.op || other.mask != th.mask || other.size != th.size || other.width != th.width) {
-        return s.str() + ": lane " + std::to_string(l) + " is at another warp collective (" +
-            op_name(other.op) + ", mask 0x" + [&] {
-              std::ostringstream h;
-              h << std::hex << other.mask;
-              return h.str();
-            }() + ")";
+        return at_collective(th) + lane + " is at another warp collective (" + op_name(other.op) +
+            ", mask 0x" + hex(other.mask) + ")";
       }
     }
     if (th.width < 1 || th.width > kWarpSize || (th.width & (th.width - 1)) != 0) {
-      return s.str() + ": width " + std::to_string(th.width) + " is not a power of two in [1, 32]";
+      return at_collective(th) + ": width " + std::to_string(th.width) + " is not a power of two in [1, 32]";
     }
     return {};
   }
@@ -355,17 +362,16 @@ struct BlockRunner {
     for (int l = 0; l < kWarpSize; ++l) {
       if (mask >> l & 1u && threads[first + l]->predicate) ballot |= 1u << l;
     }
-    std::vector<int> sources(kWarpSize, -1);
+    std::array<int, kWarpSize> sources;
+    sources.fill(-1);
     for (int l = 0; l < kWarpSize; ++l) {
       if (!(mask >> l & 1u)) continue;
       Thread& th = *threads[first + l];
       if (op == WarpOp::shfl_idx || op == WarpOp::shfl_up || op == WarpOp::shfl_down || op == WarpOp::shfl_xor) {
         const int src = source_lane(th);
         if (!(mask >> src & 1u)) {
-          std::ostringstream s;
-          s << "block " << describe(block_idx) << ", thread " << describe(th.index) << ": " << op_name(op)
-            << " reads lane " << src << ", which is not in the mask 0x" << std::hex << mask;
-          failure = s.str();
+          failure = "block " + describe(block_idx) + ", thread " + describe(th.index) + ": " + op_name(op) +
+              " reads lane " + std::to_string(src) + ", which is not in the mask 0x" + hex(mask);
         }
         sources[l] = src;
       }

@@ -11,7 +11,6 @@ device its tensors live on.
 """
 
 import dataclasses
-import functools
 
 import pytest
 import torch
@@ -28,10 +27,9 @@ def _cuda_available():
     )
 
 
-@functools.cache
 def _emulator():
     """(the executor build's op namespace, None), or (None, why it is not
-    there): the build is tried once per process, whatever its outcome."""
+    there): build.load tries the build once per process, whatever its outcome."""
     try:
         from cuda_emulator import build
 

@@ -35,6 +35,8 @@ CUDA_DEFINES = [
     "-D__CUDA_NO_HALF2_OPERATORS__",
 ]
 
+# sanitize -> the loaded module, or the error its build raised (a build is
+# tried once per process).
 _loaded = {}
 
 
@@ -108,8 +110,22 @@ def load(sanitize: bool | None = None, verbose: bool = False):
     Its ops are then ``torch.ops.layernorm_ext_cuda_emulated.*``.
     """
     sanitize = _wants_sanitizer() if sanitize is None else sanitize
-    if sanitize in _loaded:
-        return _loaded[sanitize]
+    if sanitize not in _loaded:
+        try:
+            _loaded[sanitize] = _build_and_import(sanitize, verbose)
+        except Exception as error:  # noqa: BLE001 - remembered, raised again to every caller
+            _loaded[sanitize] = error
+    if isinstance(_loaded[sanitize], Exception):
+        raise _loaded[sanitize]
+    return _loaded[sanitize]
+
+
+def loaded_module():
+    """The executor module this process has loaded, or None."""
+    return next((m for m in _loaded.values() if not isinstance(m, Exception)), None)
+
+
+def _build_and_import(sanitize: bool, verbose: bool):
     from torch.utils.cpp_extension import load as load_extension
 
     build_dir = build_directory(sanitize)
@@ -146,7 +162,6 @@ def load(sanitize: bool | None = None, verbose: bool = False):
         with_cuda=False,
         verbose=verbose,
     )
-    _loaded[sanitize] = module
     return module
 
 

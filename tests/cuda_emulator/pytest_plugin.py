@@ -13,24 +13,18 @@ import pytest
 from . import build
 
 
-_build_error = []
-
-
 def executor_or_skip():
     """The executor's Python module (its ops are torch.ops.layernorm_ext_cuda_emulated).
 
     Where it cannot be built (no CUDA toolkit headers), the test is skipped with
-    the reason; in CI (CI set) that is an error instead. The build is tried once
-    per process.
+    the reason; in CI (CI set) that is an error instead.
     """
-    if not _build_error:
-        try:
-            return build.load()
-        except Exception as error:  # noqa: BLE001 - any build failure
-            _build_error.append(error)
-    if os.environ.get("CI"):
-        raise _build_error[0]
-    pytest.skip(f"the CPU executor of the CUDA kernels could not be built here: {_build_error[0]}")
+    try:
+        return build.load()
+    except Exception as error:  # noqa: BLE001 - any build failure
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"the CPU executor of the CUDA kernels could not be built here: {error}")
 
 
 @pytest.fixture(scope="session")
@@ -46,7 +40,7 @@ def pytest_runtest_setup(item):
 
 def launch_report():
     """(launched kernels' names, never launched kernels' names), or None before the executor loads."""
-    module = next(iter(build._loaded.values()), None)
+    module = build.loaded_module()
     if module is None:
         return None
     kernels = build.kernel_symbols(module.library_path())
@@ -70,7 +64,7 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.write_line(f"launched {len(launched)} of the {total} instantiated kernels")
     for name in missed:
         terminalreporter.write_line(f"  never launched: {short_name(name)}")
-    module = next(iter(build._loaded.values()))
+    module = build.loaded_module()
     out = os.path.join(os.path.dirname(module.library_path()), "launches.json")
     with open(out, "w") as f:
         json.dump({"launched": launched, "never_launched": missed}, f, indent=1)

@@ -129,6 +129,10 @@ def test_kernels_match_the_cpu_kernels_and_float64(emulated, info, dtypes, case)
     ours = info.call_forward(emulated, sample)
     theirs = info.call_forward(CPU.ops(), sample)
     upcast = sample.upcast()
+    leaves = named_tensors(info, upcast)
+    differentiated = [name for name in info.backward_outputs if name in leaves]
+    for name in differentiated:
+        leaves[name].requires_grad_()
     reference = info.ref(*upcast.args, **upcast.kwargs)
     reference = reference if isinstance(reference, tuple) else (reference,)
     assert_near(ours[0], reference[0], dtype, "output vs float64")
@@ -140,20 +144,15 @@ def test_kernels_match_the_cpu_kernels_and_float64(emulated, info, dtypes, case)
         else:
             assert_near(a, b, a.dtype if a.dtype in TOLERANCES else dtype, what)
 
-    # Backward: every gradient against the CPU kernels' and float64 autograd's.
-    grad_output = make_tensor(ours[0].shape, dtype, scale=1.0, shift=0.0).contiguous(
-        memory_format=torch.channels_last if ours[0].is_contiguous(memory_format=torch.channels_last)
-        and ours[0].dim() == 4 and not ours[0].is_contiguous() else torch.contiguous_format)
+    # Backward: every gradient against the CPU kernels' and float64 autograd's,
+    # with grad_output in the output's layout.
+    grad_output = torch.empty_like(ours[0]).copy_(make_tensor(ours[0].shape, dtype, scale=1.0, shift=0.0))
     mask = [True] * len(info.backward_outputs)
     grads = info.call_backward(emulated, sample, ours, grad_output, mask)
     cpu_grads = info.call_backward(CPU.ops(), sample, theirs, grad_output, mask)
-    leaves = named_tensors(info, upcast)
-    wanted = [leaves[name].requires_grad_() for name in info.backward_outputs if name in leaves]
-    reference = info.ref(*upcast.args, **upcast.kwargs)
-    reference = reference[0] if isinstance(reference, tuple) else reference
     reference_grads = dict(zip(
-        [name for name in info.backward_outputs if name in leaves],
-        torch.autograd.grad(reference, wanted, grad_output.double()),
+        differentiated,
+        torch.autograd.grad(reference[0], [leaves[name] for name in differentiated], grad_output.double()),
     ))
     count = reduced_count(info, sample)
     for name, a, b in zip(info.backward_outputs, grads, cpu_grads):

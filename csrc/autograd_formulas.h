@@ -1,4 +1,4 @@
-// The derivative formulas that csrc/autograd.cpp records, in differentiable
+// The derivative formulas that the autograd kernels (autograd_*_ops.cpp) record, in differentiable
 // ATen ops (so that each formula has derivatives of its own: double backward,
 // hessians, forward over reverse), for every norm at once.
 //

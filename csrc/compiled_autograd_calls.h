@@ -1,11 +1,13 @@
-// Compiled autograd support for the Nodes of csrc/autograd.cpp.
+// Compiled autograd support for the Nodes of autograd_forward_ops.cpp and
+// autograd_backward_ops.cpp.
 //
 // torch._dynamo's compiled autograd calls a Node's backward as one function
 // of its incoming gradients and packed arguments: the saved tensors (swapped
 // for the graph's) and every field that shapes the computation, on which it
-// also keys its cache. autograd.cpp lists each Node's fields once, in one
-// order, for the cache key (collect_fields), packing (pack_fields) and
-// unpacking (unpack_fields); call_in_graph puts the call into the graph.
+// also keys its cache. Each Node's backward is described by a struct
+// (`Backward` below) that lists its fields once, in one order, for the cache
+// key (collect_fields), packing (pack_fields) and unpacking (unpack_fields);
+// call_packed_in_graph puts the call into the graph.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -103,6 +105,52 @@ inline std::vector<bool> wanted_edges(const Node& node, bool in_task) {
     wanted[i] = in_task ? node.task_should_compute_output(i) : node.should_compute_output(i);
   }
   return wanted;
+}
+
+// A Node's backward, described by `Backward`:
+//   Backward::Config, Backward::Saved: what it computes with, besides the
+//     incoming gradients (fields, and the saved tensors);
+//   Backward::config_fields(config, f), Backward::saved_fields(saved, f):
+//     call f on every field, in one order;
+//   Backward::gradients(config, saved, grads, wanted): the gradients of the
+//     Node's next edges;
+//   Backward::edge_arguments(config, saved, edges): the tensor each next edge
+//     is of.
+template <class Backward, class Config, class Saved, class Wanted, class F>
+void all_fields(Config& config, Saved& saved, Wanted& wanted, F&& f) {
+  Backward::config_fields(config, [&](auto&... config_fields) {
+    Backward::saved_fields(saved, [&](auto&... saved_fields) {
+      f(config_fields..., saved_fields..., wanted);
+    });
+  });
+}
+
+// The function the graph calls: the packed fields unpacked, then the Node's
+// backward.
+template <class Backward>
+variable_list packed_gradients(const variable_list& grads, const std::vector<c10::IValue>& args) {
+  typename Backward::Config config;
+  typename Backward::Saved saved;
+  std::vector<bool> wanted;
+  all_fields<Backward>(config, saved, wanted, [&](auto&... fields) { unpack_fields(args, fields...); });
+  return zeros_for_undefined(
+      Backward::gradients(config, saved, grads, wanted), wanted,
+      Backward::edge_arguments(config, saved, wanted.size()));
+}
+
+// A Node's apply_with_saved, once its saved variables are swapped for the
+// graph's and unpacked into `saved`.
+template <class Backward>
+variable_list call_packed_in_graph(
+    const Node& node,
+    SwapSavedVariables& swap,
+    const typename Backward::Config& config,
+    const typename Backward::Saved& saved,
+    const variable_list& grads) {
+  const auto wanted = wanted_edges(node, true);
+  std::vector<c10::IValue> args;
+  all_fields<Backward>(config, saved, wanted, [&](const auto&... fields) { args = pack_fields(fields...); });
+  return call_in_graph(node, swap, packed_gradients<Backward>, grads, args);
 }
 
 }  // namespace layernorm_ext::compiled_autograd_calls

@@ -4,7 +4,7 @@
 (``s`` is written once and normalized while in cache), with the fake kernels
 of the ``layernorm_ext::fused_add_*_forward`` ops.
 
-Their autograd (C++, csrc/autograd.cpp) reuses ``layer_norm_backward`` /
+Their autograd (C++, csrc/autograd_forward_ops.cpp) reuses ``layer_norm_backward`` /
 ``rms_norm_backward`` on ``s`` (and the path through the returned statistics,
 as the plain ops do); the gradient of ``s`` (from the norm, plus any from the
 returned ``s``) goes to both ``input`` and ``residual``.

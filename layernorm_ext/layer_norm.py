@@ -2,7 +2,7 @@
 (a drop-in torch.nn.LayerNorm), with the fake kernels of the
 ``layernorm_ext::layer_norm_forward`` / ``layer_norm_backward`` ops. Both
 ops' autograd (reverse and forward mode, any order) is C++
-(csrc/autograd.cpp); their vmap rules are in _vmap.py.
+(csrc/autograd_*_ops.cpp); their vmap rules are in _vmap.py.
 """
 
 import torch

@@ -166,7 +166,7 @@ void check_layer_norm(Checker& checker, const Case& c) {
     checker.expect_close(name + ": grad_bias", grad_bias, bias64->grad(), tolerance);
   }
 
-  // The forward op's own autograd (csrc/autograd.cpp) works without Python.
+  // The forward op's own autograd (csrc/autograd_forward_ops.cpp) works without Python.
   const auto input_leaf = leaf(input);
   const auto weight_leaf = leaf(weight);
   std::get<0>(forward.call(input_leaf, c.normalized_shape, weight_leaf, bias, eps))

@@ -19,7 +19,7 @@
 // memory, are in batch_norm_kernels_impl.h.
 #pragma once
 
-#include "dispatch.h"
+#include "../op_arguments.h"
 #include "simd_level.h"
 #include "simd_targets.h"
 

@@ -12,7 +12,7 @@
 // (simd_level.h). The kernels themselves are in row_norm_kernels_impl.h.
 #pragma once
 
-#include "dispatch.h"
+#include "../op_arguments.h"
 #include "simd_level.h"
 #include "simd_targets.h"
 

@@ -3,7 +3,7 @@
 // / registration every op runs its launches under.
 #pragma once
 
-#include "../cpu/dispatch.h"
+#include "../op_arguments.h"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -55,14 +55,25 @@ const cuda_t<T>* cuda_data(const at::Tensor& t) {
 }
 
 template <typename T>
-cuda_t<T>* cuda_mutable_data(at::Tensor& t) {
+cuda_t<T>* cuda_mutable_data(const at::Tensor& t) {
   return reinterpret_cast<cuda_t<T>*>(t.mutable_data_ptr<T>());
 }
 
 // Typed device pointer of an optional tensor, or nullptr when it is absent.
 template <typename T>
 const cuda_t<T>* optional_cuda_data(const std::optional<at::Tensor>& t) {
-  return reinterpret_cast<const cuda_t<T>*>(cpu::optional_data<T>(t));
+  return reinterpret_cast<const cuda_t<T>*>(optional_data<T>(t));
+}
+
+// The same for tensors that are undefined when absent.
+template <typename T>
+const cuda_t<T>* cuda_data_or_null(const at::Tensor& t) {
+  return reinterpret_cast<const cuda_t<T>*>(data_or_null<T>(t));
+}
+
+template <typename T>
+cuda_t<T>* cuda_mutable_data_or_null(const at::Tensor& t) {
+  return reinterpret_cast<cuda_t<T>*>(mutable_data_or_null<T>(t));
 }
 
 #ifdef LAYERNORM_EXT_CUDA_EMULATOR

@@ -1,8 +1,9 @@
 """The fast way from a functional wrapper into its forward op, in eager mode.
 
 ``torch.ops.layernorm_ext.<op>(...)`` boxes every argument and parses the
-schema on each call, about 1.2 us: as long as a LayerNorm kernel on a small
-batch (a decode step's rows). The extension's ``eager`` submodule
+schema on each call, which costs as much as a LayerNorm kernel on a small
+batch (a decode step's rows; benchmarks/bench_call_overhead.py measures
+it). The extension's ``eager`` submodule
 (csrc/eager_calls.cpp) calls the same forward ops through the dispatcher
 unboxed, so autograd, autocast, dispatch modes and the CPU/CUDA kernels all
 apply as before, and returns only what the wrapper uses. What the

@@ -1,4 +1,4 @@
-"""Parity with what torch accepts and raises (issue 14): tensors on another
+"""Parity with what torch accepts and raises: tensors on another
 device than the input (the meta device among them), batch_norm inputs of
 fewer than 2 or more than 5 dims, negative and NaN eps, empty inputs with
 parameters of another dtype, and integer inputs. Every test runs torch on the

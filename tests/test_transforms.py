@@ -6,6 +6,9 @@ Each case is an op of the registry on one of its samples: every op, with and
 without affine parameters, BatchNorm in training and eval.
 """
 
+import functools
+import operator
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -59,6 +62,11 @@ CASES = [
     Case("batch_norm_train_no_affine_2d", "batch_norm", (5, 3), affine=False, training=True,
          running_stats=False),
     Case("batch_norm_eval", "batch_norm", (4, 3, 2), training=False),
+    # A 1-D input has no channels (torch accepts only an empty one, and no
+    # [0]-shaped parameters).
+    Case("batch_norm_train_1d_empty", "batch_norm", (0,), affine=False, training=True,
+         running_stats=False),
+    Case("batch_norm_eval_1d_empty", "batch_norm", (0,), affine=False, training=False),
 ]
 
 
@@ -137,13 +145,16 @@ def test_func_jvp_and_jacfwd_match_torch(case):
 
 
 def _scalar(fn):
-    """A scalar function of fn's outputs that depends on all of them unevenly."""
+    """A scalar function of fn's outputs that depends on all of them unevenly.
+    (Tensors only: torch's hessian fails on a Python number plus the sum of
+    an empty tensor.)"""
 
     def loss(*args):
-        total = 0
+        terms = []
         for i, out in enumerate(_flat(fn(*args))):
-            total = total + (out * torch.arange(out.numel(), dtype=out.dtype).view(out.shape).sin()).sum() * (i + 1)
-        return total
+            weights = torch.arange(i, i + out.numel(), dtype=out.dtype).view(out.shape).sin()
+            terms.append((out * weights).sum())
+        return functools.reduce(operator.add, terms)
 
     return loss
 
@@ -378,3 +389,4 @@ def test_compiled_autograd_through_a_gradient_penalty():
         return norm.weight.grad, norm.bias.grad, x.grad
 
     _assert_close(weight_grads(True), weight_grads(False))
+

@@ -184,22 +184,46 @@ def _per_sample_channels(t, size):
     return (t, None) if t.numel() == 0 else (t.view(size, -1), 0)
 
 
+def _new_running_stat(t, size, batched):
+    """A new running statistic as _per_sample_channels gives it; one of an
+    unbatched buffer (from an unbatched input: the same for every sample)
+    unbatched, as the buffer it is copied into."""
+    t, dim = _per_sample_channels(t, size)
+    return (t, dim) if batched or dim is None else (t[0], None)
+
+
+# torch's error (functorch's batch_norm rule), word for word.
+_UNBATCHED_RUNNING_STATS = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which "
+    "will be updated in place, were not batched.\nIf you are using a module and do not need "
+    "eval mode, please set `track_running_stats` to be False.If you are using a prebuilt "
+    "module and do not need eval mode, please see the functorch website for resources on "
+    "how to patch your module to work with vmap"
+)
+
+
 def _batch_norm_forward_rule(info, in_dims, input, weight, bias, running_mean, running_var,
                              training, momentum, eps):
     size = info.batch_size
+    input_dim, stat_dims = in_dims[0], in_dims[3:5]
+    stats = (running_mean, running_var)
+    if training and input_dim is not None and any(
+        stat is not None and dim is None for stat, dim in zip(stats, stat_dims)
+    ):
+        raise RuntimeError(_UNBATCHED_RUNNING_STATS)
     channels = [
         _fold_channels(t, d, size)
         for t, d in zip((weight, bias, running_mean, running_var), in_dims[1:5])
     ]
     output, mean, rstd, new_mean, new_var = _ops.batch_norm_forward(
-        _fold(input, in_dims[0], size), *channels, training, momentum, eps
+        _fold(input, input_dim, size), *channels, training, momentum, eps
     )
     results = [
         (_unfold(output, size), 0),
         _per_sample_channels(mean, size),
         _per_sample_channels(rstd, size),
-        _per_sample_channels(new_mean, size),
-        _per_sample_channels(new_var, size),
+        *(_new_running_stat(new, size, input_dim is not None or dim is not None)
+          for new, dim in zip((new_mean, new_var), stat_dims)),
     ]
     return tuple(r for r, _ in results), tuple(d for _, d in results)
 

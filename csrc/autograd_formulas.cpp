@@ -61,12 +61,15 @@ Groups Groups::rows(int64_t dim, int64_t normalized_dims) {
 
 Groups Groups::channels(int64_t dim) {
   Groups groups;
+  groups.per_channel = true;
+  // A 1-D input has no channel dim: C = 0, and the checks pass it only empty,
+  // with statistics of its own shape [0], so no dim is reduced.
+  if (dim < 2) return groups;
   for (int64_t d = 0; d < dim; ++d) {
     if (d != 1) groups.group_dims.push_back(d);
   }
   groups.param_dims = groups.group_dims;
   groups.stat_unit_dims = dim - 2;
-  groups.per_channel = true;
   return groups;
 }
 

@@ -149,41 +149,82 @@ def _row_norm_backward_rule(op, center):
 
 
 # BatchNorm: sample s's channel c becomes channel s * C + c of one input
-# (N, size * C, *).
+# (N, size * C, *). A 1-D input has no channel dim (C = 0; the op accepts
+# only an empty one): the samples' inputs are laid end to end instead.
 
 
 def _fold(t, dim, size):
-    """(N, C, *) per sample -> (N, size * C, *)."""
-    return _at_front(t, dim, size).movedim(0, 1).flatten(1, 2)
+    """(N, C, *) per sample -> (N, size * C, *); (N,) -> (size * N,)."""
+    t = _at_front(t, dim, size)
+    if t.dim() == 2:
+        return t.flatten()
+    return t.movedim(0, 1).flatten(1, 2)
 
 
 def _unfold(t, size):
-    """(N, size * C, *) -> (size, N, C, *)."""
+    """(N, size * C, *) -> (size, N, C, *); (size * N,), empty, -> (size, 0)."""
+    if t.dim() == 1:
+        return t.view(size, 0)
     return t.unflatten(1, (size, -1)).movedim(1, 0)
 
 
 def _fold_channels(t, dim, size):
-    """A per-channel tensor (C elements, any shape) -> (size * C,)."""
-    return None if t is None else _at_front(t, dim, size).reshape(-1)
+    """A per-channel tensor (C elements, any shape) -> (size * C,). (The size
+    is explicit: reshape(-1) of an empty tensor fails under an enclosing vmap,
+    which reshapes it to [outer size, -1].)"""
+    if t is None:
+        return None
+    t = _at_front(t, dim, size)
+    return t.reshape(t.numel())
 
 
 def _per_sample_channels(t, size):
-    """The op's (size * C,) result as (size, C), or its [0]-shaped 'none' as is."""
+    """The op's (size * C,) result as (size, C), or, empty (C = 0, or the
+    [0]-shaped 'none'), as it is, the same for every sample."""
     return (t, None) if t.numel() == 0 else (t.view(size, -1), 0)
+
+
+def _new_running_stat(t, size, batched):
+    """A new running statistic as _per_sample_channels gives it; one of an
+    unbatched buffer (from an unbatched input: the same for every sample)
+    unbatched, as the buffer it is copied into."""
+    t, dim = _per_sample_channels(t, size)
+    return (t, dim) if batched or dim is None else (t[0], None)
+
+
+# torch's error (functorch's batch_norm rule), word for word.
+_UNBATCHED_RUNNING_STATS = (
+    "Batch norm got a batched tensor as input while the running_mean or running_var, which "
+    "will be updated in place, were not batched.\nIf you are using a module and do not need "
+    "eval mode, please set `track_running_stats` to be False.If you are using a prebuilt "
+    "module and do not need eval mode, please see the functorch website for resources on "
+    "how to patch your module to work with vmap"
+)
 
 
 def _batch_norm_forward_rule(info, in_dims, input, weight, bias, running_mean, running_var,
                              training, momentum, eps):
     size = info.batch_size
+    input_dim, stat_dims = in_dims[0], in_dims[3:5]
+    stats = (running_mean, running_var)
+    if training and input_dim is not None and any(
+        stat is not None and dim is None for stat, dim in zip(stats, stat_dims)
+    ):
+        raise RuntimeError(_UNBATCHED_RUNNING_STATS)
     channels = [
         _fold_channels(t, d, size)
         for t, d in zip((weight, bias, running_mean, running_var), in_dims[1:5])
     ]
     output, mean, rstd, new_mean, new_var = _ops.batch_norm_forward(
-        _fold(input, in_dims[0], size), *channels, training, momentum, eps
+        _fold(input, input_dim, size), *channels, training, momentum, eps
     )
-    results = [(_unfold(output, size), 0), (mean.view(size, -1), 0), (rstd.view(size, -1), 0),
-               _per_sample_channels(new_mean, size), _per_sample_channels(new_var, size)]
+    results = [
+        (_unfold(output, size), 0),
+        _per_sample_channels(mean, size),
+        _per_sample_channels(rstd, size),
+        *(_new_running_stat(new, size, input_dim is not None or dim is not None)
+          for new, dim in zip((new_mean, new_var), stat_dims)),
+    ]
     return tuple(r for r, _ in results), tuple(d for _, d in results)
 
 

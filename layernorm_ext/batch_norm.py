@@ -7,6 +7,8 @@ any order) is C++ (csrc/autograd.cpp); their vmap rules are in _vmap.py.
 The ops never mutate: ``batch_norm_forward`` returns the updated running
 statistics and :func:`batch_norm` copies them into the buffers, after every
 check has passed, so a call that raises leaves the buffers as they were.
+Under torch.func transforms the copy is made at the buffers' own level of
+transforms, as aten's native_batch_norm mutates them (see _at_level_of).
 """
 
 from typing import List, Optional
@@ -17,6 +19,13 @@ from ._eager import direct_calls, is_scripting
 from ._shapes import check_same_device, empty_unless, stats_dtype
 
 _ops = torch.ops.layernorm_ext
+_functorch = torch._C._functorch
+_is_compiling = torch.compiler.is_compiling
+_POPPABLE_TRANSFORMS = (
+    _functorch.TransformType.Grad,
+    _functorch.TransformType.Jvp,
+    _functorch.TransformType.Vmap,
+)
 
 
 def batch_norm(
@@ -65,16 +74,63 @@ def _check_eps(training: bool, eps: float) -> None:
 
 def _copy_into(buffer, value):
     """buffer <- value, an updated running statistic: shape [C] into a buffer of
-    any shape of C elements. The op's value does not require grad, so copy_
-    records nothing unless the buffer does; only then is torch.no_grad (a
-    microsecond per call, as much as the view) needed."""
+    any shape of C elements."""
     if buffer.dim() != 1:
         value = value.view_as(buffer)
+    if _outside_transforms():
+        _copy(buffer, value)
+    else:
+        _at_level_of(buffer, lambda unwrapped: _copy(buffer, unwrapped), value)
+
+
+def _outside_transforms() -> bool:
+    """No torch.func transform is running, or torch.compile traces the call
+    (dynamo captures the transforms and the buffer mutation itself, and
+    cannot trace functorch's level queries)."""
+    return _functorch.peek_interpreter_stack() is None or _is_compiling()
+
+
+def _copy(buffer, value):
+    """The op's value does not require grad, so copy_ records nothing unless
+    the buffer does; only then is torch.no_grad (a microsecond per call, as
+    much as the view) needed."""
     if buffer.requires_grad:
         with torch.no_grad():
             buffer.copy_(value)
     else:
         buffer.copy_(value)
+
+
+def _at_level_of(buffer, update, value=None):
+    """update(value), a mutation of `buffer`, run with the torch.func
+    transforms above the buffer's level popped off the stack and `value`
+    unwrapped down to that level.
+
+    Inside grad/vjp/jvp a running statistic captured from outside (or a
+    module's counter) is a plain tensor while the op's results are wrapped
+    at the transform's level, and functorch refuses an in-place op there on
+    a captured tensor ("would mutate a captured Tensor"). aten's
+    native_batch_norm mutates its buffers from inside the op, below the
+    transforms (they unwrap its arguments level by level), and the update
+    here does the same: the new statistics carry no gradient or tangent, so
+    their values below the transforms are the ones to store. Buffers that
+    are themselves transformed inputs (passed to grad, batched by vmap) are
+    at the top level and are updated there. vmap levels above the buffer
+    hold no batched value: the batching rule (_vmap.py) returns the new
+    statistics of an unbatched buffer unbatched, or raises as torch's does."""
+    level = _functorch.maybe_get_level(buffer)
+    popped = []
+    try:
+        top = _functorch.peek_interpreter_stack()
+        while top is not None and top.level() > level and top.key() in _POPPABLE_TRANSFORMS:
+            if value is not None and _functorch.maybe_get_level(value) == top.level():
+                value = _functorch.get_unwrapped(value)
+            popped.append(_functorch.pop_dynamic_layer_stack())
+            top = _functorch.peek_interpreter_stack()
+        update(value)
+    finally:
+        for layer in reversed(popped):
+            _functorch.push_dynamic_layer_stack(layer)
 
 
 def _batch_norm_module_forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -131,14 +187,26 @@ def _module_batch_norm(
             with torch.no_grad():
                 running_mean.copy_(new_mean.view_as(running_mean))
                 running_var.copy_(new_var.view_as(running_var))
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
     else:
         output = batch_norm(input, running_mean, running_var, weight, bias, training, factor, eps)
-    if num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
+        if num_batches_tracked is not None:
+            _count_batch(num_batches_tracked)
     return output
 
 
 torch.fx.wrap("_module_batch_norm")
+
+
+def _count_batch(num_batches_tracked: torch.Tensor) -> None:
+    """num_batches_tracked += 1, at the counter's level of torch.func transforms
+    (a counter captured by grad/jvp is counted as the running statistics are
+    updated; torch.nn's add_ raises there)."""
+    if _outside_transforms():
+        num_batches_tracked.add_(1)
+    else:
+        _at_level_of(num_batches_tracked, lambda _: num_batches_tracked.add_(1))
 
 
 def _check_input_dims(input: torch.Tensor, dims: List[int], expected: str) -> None:

@@ -347,7 +347,8 @@ BATCH_NORM_SHAPES = (
     (300, 130),
     (2, 67, 3, 5),
 )
-EMPTY_BATCH_NORM_SHAPES = ((0, 3, 4), (2, 3, 0), (0, 3))
+# (0,): a 1-D input, which has no channels (torch accepts only an empty one).
+EMPTY_BATCH_NORM_SHAPES = ((0, 3, 4), (2, 3, 0), (0, 3), (0,))
 # For slow checks (gradcheck, opcheck): 2-D to 5-D, a few values per channel.
 SMALL_BATCH_NORM_SHAPES = ((5, 3), (3, 2, 5), (2, 3, 3, 2), (2, 2, 2, 3, 2))
 BATCH_NORM_LAYOUTS = ("contiguous", "channels_last", "strided")
@@ -395,7 +396,9 @@ def _batch_norm_sample_inputs(device, dtype, requires_grad=False, *, small=False
     ):
         if layout == "channels_last" and len(shape) not in (4, 5):
             continue
-        if mode and math.prod(shape) // max(1, shape[1]) == 1:
+        if len(shape) == 1 and option != "none":
+            continue  # torch's batch_norm (the reference) rejects [0]-shaped parameters
+        if mode and len(shape) > 1 and math.prod(shape) // max(1, shape[1]) == 1:
             continue  # training needs more than one value per channel
         yield _batch_norm_make_sample(shape, device, dtype, requires_grad, layout=layout,
                                       param_dtype=param_dtype, affine=option, training=mode,

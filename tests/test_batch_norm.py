@@ -250,6 +250,29 @@ def test_empty_batch_matches_torch(shape):
     assert ours.num_batches_tracked.item() == reference.num_batches_tracked.item() == 1
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("running_stats", [True, False], ids=["running_stats", "none"])
+def test_one_dim_empty_input_matches_torch(training, running_stats):
+    """A 1-D input has no channels: torch accepts an empty one, (0,), with
+    [0]-shaped running statistics (required in eval), and returns it."""
+    if not training and not running_stats:
+        with pytest.raises(RuntimeError, match="running_mean must be defined in evaluation mode"):
+            layernorm_ext.batch_norm(torch.empty(0), None, None, training=False)
+        return
+    results = []
+    for bn in (layernorm_ext.batch_norm, F.batch_norm):
+        x = torch.empty(0, dtype=torch.float64, requires_grad=True)
+        stats = (torch.empty(0, dtype=torch.float64), torch.empty(0, dtype=torch.float64)) if running_stats else (None, None)
+        y = bn(x, *stats, training=training)
+        (grad_x,) = torch.autograd.grad(y.sum(), x, allow_unused=True)
+        results.append((y, grad_x, stats))
+    (y, grad_x, stats), (y_ref, grad_x_ref, stats_ref) = results
+    assert y.shape == y_ref.shape == (0,) and y.dtype == y_ref.dtype
+    assert grad_x.shape == grad_x_ref.shape == (0,)
+    for ours, theirs in zip(stats, stats_ref):
+        assert (ours is None and theirs is None) or ours.shape == theirs.shape == (0,)
+
+
 # --------------------------------------------------------------------------- autograd
 
 

@@ -241,6 +241,20 @@ def test_batch_norm_empty_batch_leaves_running_stats(emulated, shape):
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_batch_norm_one_dim_empty_input_matches_the_cpu_op(emulated, training):
+    """A 1-D input (0,) has no channels: every output and gradient is empty,
+    shaped as the CPU op's."""
+    x, running_mean, running_var = torch.empty(0), torch.empty(0), torch.empty(0)
+    out = emulated.batch_norm_forward(x, None, None, running_mean, running_var, training, 0.1, 1e-5)
+    cpu = CPU.ops().batch_norm_forward(x, None, None, running_mean, running_var, training, 0.1, 1e-5)
+    grads = emulated.batch_norm_backward(torch.empty(0), x, None, None, out[1], out[2], training, [True, True, True])
+    cpu_grads = CPU.ops().batch_norm_backward(torch.empty(0), x, None, None, cpu[1], cpu[2], training, [True, True, True])
+    for ours, theirs in zip(out + grads, cpu + cpu_grads):
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    assert out[0].shape == grads[0].shape == (0,)
+
+
 def test_batch_norm_without_parameters_or_running_stats(emulated):
     x = make_tensor((6, 5, 7), torch.float32)
     out = emulated.batch_norm_forward(x, None, None, None, None, True, 0.1, 1e-5)

@@ -6,6 +6,9 @@ Each case is an op of the registry on one of its samples: every op, with and
 without affine parameters, BatchNorm in training and eval.
 """
 
+import functools
+import operator
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -59,6 +62,11 @@ CASES = [
     Case("batch_norm_train_no_affine_2d", "batch_norm", (5, 3), affine=False, training=True,
          running_stats=False),
     Case("batch_norm_eval", "batch_norm", (4, 3, 2), training=False),
+    # A 1-D input has no channels (torch accepts only an empty one, and no
+    # [0]-shaped parameters).
+    Case("batch_norm_train_1d_empty", "batch_norm", (0,), affine=False, training=True,
+         running_stats=False),
+    Case("batch_norm_eval_1d_empty", "batch_norm", (0,), affine=False, training=False),
 ]
 
 
@@ -137,13 +145,16 @@ def test_func_jvp_and_jacfwd_match_torch(case):
 
 
 def _scalar(fn):
-    """A scalar function of fn's outputs that depends on all of them unevenly."""
+    """A scalar function of fn's outputs that depends on all of them unevenly.
+    (Tensors only: torch's hessian fails on a Python number plus the sum of
+    an empty tensor.)"""
 
     def loss(*args):
-        total = 0
+        terms = []
         for i, out in enumerate(_flat(fn(*args))):
-            total = total + (out * torch.arange(out.numel(), dtype=out.dtype).view(out.shape).sin()).sum() * (i + 1)
-        return total
+            weights = torch.arange(i, i + out.numel(), dtype=out.dtype).view(out.shape).sin()
+            terms.append((out * weights).sum())
+        return functools.reduce(operator.add, terms)
 
     return loss
 
@@ -378,3 +389,190 @@ def test_compiled_autograd_through_a_gradient_penalty():
         return norm.weight.grad, norm.bias.grad, x.grad
 
     _assert_close(weight_grads(True), weight_grads(False))
+
+
+# ---- BatchNorm's running statistics under the transforms ---------------------------
+#
+# In training the running statistics update as torch's do under every
+# transform: once, with the batch's own statistics (grad, vjp, jvp, and the
+# transforms that run the function once, batched: jacrev, jacfwd, hessian),
+# per sample when vmap batches them, and vmap over the input with unbatched
+# running statistics raises torch's error.
+
+
+def _running_stats():
+    return make_tensor((3,), torch.float64), make_tensor((3,), torch.float64).abs_().add_(0.5)
+
+
+def _batch_norm_train(bn, weight):
+    def call(x, running_mean, running_var):
+        return bn(x, running_mean, running_var, weight, None, True, 0.3, 1e-5)
+
+    return call
+
+
+def _stacked(stats, size=2):
+    """Per-sample copies of the running statistics, for vmap to batch."""
+    return tuple(s.expand(size, *s.shape).clone() for s in stats)
+
+
+# Each takes (bn, x, weight, samples, running_mean, running_var), with bn
+# our batch_norm or torch's, and returns (results, the buffers it updated).
+RUNNING_STATS_UNDER = {
+    "grad": lambda bn, x, w, xs, rm, rv: (
+        grad(lambda x: _batch_norm_train(bn, w)(x, rm, rv).sin().sum())(x), (rm, rv)),
+    "vjp": lambda bn, x, w, xs, rm, rv: (
+        vjp(lambda x: _batch_norm_train(bn, w)(x, rm, rv), x)[1](x.cos()), (rm, rv)),
+    "jvp": lambda bn, x, w, xs, rm, rv: (
+        jvp(lambda x: _batch_norm_train(bn, w)(x, rm, rv), (x,), (x.cos(),)), (rm, rv)),
+    "jacrev": lambda bn, x, w, xs, rm, rv: (
+        jacrev(lambda x: _batch_norm_train(bn, w)(x, rm, rv))(x), (rm, rv)),
+    "jacfwd": lambda bn, x, w, xs, rm, rv: (
+        jacfwd(lambda x: _batch_norm_train(bn, w)(x, rm, rv))(x), (rm, rv)),
+    "hessian": lambda bn, x, w, xs, rm, rv: (
+        hessian(lambda x: _batch_norm_train(bn, w)(x, rm, rv).sin().sum())(x), (rm, rv)),
+    "grad_of_grad": lambda bn, x, w, xs, rm, rv: (
+        grad(lambda x: grad(lambda x: _batch_norm_train(bn, w)(x, rm, rv).sin().sum())(x).pow(2).sum())(x),
+        (rm, rv)),
+    "grad_with_the_stats_as_inputs": lambda bn, x, w, xs, rm, rv: (
+        grad(lambda x, m, v: _batch_norm_train(bn, w)(x, m, v).sin().sum())(x, rm, rv), (rm, rv)),
+    "vmap_over_the_weight": lambda bn, x, w, xs, rm, rv: (
+        vmap(lambda w: _batch_norm_train(bn, w)(x, rm, rv))(torch.stack([w, w.cos()])), (rm, rv)),
+    "vmap_over_the_input_and_the_stats": lambda bn, x, w, xs, rm, rv: (
+        lambda stats: (vmap(_batch_norm_train(bn, w))(xs, *stats), stats))(_stacked((rm, rv))),
+    "vmap_over_the_stats": lambda bn, x, w, xs, rm, rv: (
+        lambda stats: (vmap(lambda m, v: _batch_norm_train(bn, w)(x, m, v))(*stats), stats))(
+            _stacked((rm, rv))),
+    "vmap_of_grad_over_the_input_and_the_stats": lambda bn, x, w, xs, rm, rv: (
+        lambda stats: (vmap(grad(lambda x, m, v: _batch_norm_train(bn, w)(x, m, v).sin().sum()))(
+            xs, *stats), stats))(_stacked((rm, rv))),
+    "vmap_over_the_input_in_eval": lambda bn, x, w, xs, rm, rv: (
+        vmap(lambda x: bn(x, rm, rv, w, None, False, 0.3, 1e-5))(xs), (rm, rv)),
+    "vmap_without_running_stats": lambda bn, x, w, xs, rm, rv: (
+        vmap(lambda x: bn(x, None, None, w, None, True, 0.3, 1e-5))(xs), (rm, rv)),
+}
+
+
+@pytest.mark.parametrize("transform", list(RUNNING_STATS_UNDER))
+def test_batch_norm_running_stats_under_transforms_match_torch(transform):
+    x, w = make_tensor((4, 3, 2), torch.float64), make_tensor((3,), torch.float64)
+    samples = make_tensor((2, 4, 3, 2), torch.float64)
+    stats = _running_stats()
+    results, buffers = [], []
+    for bn in (layernorm_ext.batch_norm, F.batch_norm):
+        result, updated = RUNNING_STATS_UNDER[transform](bn, x, w, samples, *(s.clone() for s in stats))
+        results.append(result)
+        buffers.append(updated)
+    _assert_close(tuple(_flat(results[0])), tuple(_flat(results[1])))
+    _assert_close(buffers[0], buffers[1])
+
+
+UNBATCHED_RUNNING_STATS_UNDER_VMAP = {
+    "vmap": lambda f, xs: vmap(f)(xs),
+    "vmap_of_grad": lambda f, xs: vmap(grad(lambda x: f(x).sin().sum()))(xs),
+    "grad_of_vmap": lambda f, xs: grad(lambda xs: vmap(f)(xs).sin().sum())(xs),
+    "jacrev_of_vmap": lambda f, xs: jacrev(vmap(f))(xs),
+}
+
+
+@pytest.mark.parametrize("transform", list(UNBATCHED_RUNNING_STATS_UNDER_VMAP))
+def test_vmap_over_the_input_with_unbatched_running_stats_raises_torch_error(transform):
+    xs, w = make_tensor((2, 4, 3, 2), torch.float64), make_tensor((3,), torch.float64)
+    stats = _running_stats()
+    messages = []
+    for bn in (layernorm_ext.batch_norm, F.batch_norm):
+        running_mean, running_var = (s.clone() for s in stats)
+        with pytest.raises(RuntimeError) as error:
+            UNBATCHED_RUNNING_STATS_UNDER_VMAP[transform](
+                lambda x: _batch_norm_train(bn, w)(x, running_mean, running_var), xs)
+        messages.append(str(error.value))
+        assert torch.equal(running_mean, stats[0]) and torch.equal(running_var, stats[1])
+    assert messages[0] == messages[1]
+    assert "Batch norm got a batched tensor as input while the running_mean" in messages[0]
+
+
+def _modules(**options):
+    torch.manual_seed(3)
+    ours, theirs = layernorm_ext.BatchNorm1d(3, **options).double(), torch.nn.BatchNorm1d(3, **options).double()
+    for module in (ours, theirs):
+        torch.nn.init.normal_(module.weight)
+        if module.running_mean is not None:
+            module.running_mean.normal_()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _buffers(module):
+    return {name: b.clone() for name, b in module.named_buffers()}
+
+
+def test_batch_norm_module_functional_call_under_grad_matches_torch():
+    """grad of functional_call with the buffers passed in: the buffers given
+    are updated (running statistics and counter), as torch's."""
+    x = make_tensor((4, 3, 2), torch.float64)
+    results = []
+    for module in _modules():
+        params, buffers = dict(module.named_parameters()), _buffers(module)
+        grads = grad(lambda p, b: functional_call(module, (p, b), (x,)).sin().sum())(params, buffers)
+        results.append((grads, buffers))
+    (grads, buffers), (grads_ref, buffers_ref) = results
+    assert grads.keys() == grads_ref.keys() and buffers.keys() == buffers_ref.keys()
+    _assert_close(tuple(grads.values()), tuple(grads_ref.values()))
+    _assert_close(tuple(buffers.values()), tuple(buffers_ref.values()))
+    assert buffers["num_batches_tracked"].item() == 1
+
+
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jvp"])
+def test_batch_norm_module_with_captured_buffers_under_transforms(transform):
+    """A module called inside grad/vjp/jvp updates its own buffers (captured
+    by the function) as a call outside the transform does. torch.nn's
+    module raises there on its counter's add_ (its running statistics
+    would update as ours do: see the functional tests above)."""
+    x = make_tensor((4, 3, 2), torch.float64)
+    ours, theirs = _modules()
+    call = {
+        "grad": lambda m: grad(lambda x: m(x).sin().sum())(x),
+        "vjp": lambda m: vjp(m, x)[1](x.cos()),
+        "jvp": lambda m: jvp(m, (x,), (x.cos(),)),
+    }[transform]
+    call(ours)
+    theirs(x)
+    _assert_close(tuple(_buffers(ours).values()), tuple(_buffers(theirs).values()))
+    assert ours.num_batches_tracked.item() == 1
+
+
+@pytest.mark.parametrize("mode", ["no_running_stats", "eval", "train"])
+def test_batch_norm_module_under_vmap_matches_torch(mode):
+    """vmap over the batch: works without running statistics and in eval,
+    raises torch's error in training with them (leaving every buffer)."""
+    xs = make_tensor((2, 4, 3, 2), torch.float64)
+    ours, theirs = _modules(track_running_stats=mode != "no_running_stats")
+    if mode == "eval":
+        ours.eval(), theirs.eval()
+    if mode == "train":
+        before = _buffers(ours)
+        for module in (ours, theirs):
+            with pytest.raises(RuntimeError, match="Batch norm got a batched tensor as input"):
+                vmap(module)(xs)
+        _assert_close(tuple(_buffers(ours).values()), tuple(before.values()))
+        return
+    _assert_close(vmap(ours)(xs), vmap(theirs)(xs))
+    _assert_close(tuple(_buffers(ours).values()), tuple(_buffers(theirs).values()))
+
+
+def test_batch_norm_ensemble_in_training_updates_each_models_buffers():
+    """stack_module_state + vmap(functional_call) in training: every model's
+    running statistics and counter are updated from its own batch."""
+    xs = make_tensor((3, 4, 3, 2), torch.float64)
+    results = []
+    for lib in (layernorm_ext, torch.nn):
+        torch.manual_seed(4)
+        models = [lib.BatchNorm1d(3).double() for _ in range(3)]
+        for m in models:
+            m.running_mean.normal_()
+        params, buffers = torch.func.stack_module_state(models)
+        out = vmap(lambda p, b, x: functional_call(models[0], (p, b), (x,)))(params, buffers, xs)
+        results.append((out, buffers))
+    _assert_close(results[0][0], results[1][0])
+    _assert_close(tuple(results[0][1].values()), tuple(results[1][1].values()))
+    assert results[0][1]["num_batches_tracked"].tolist() == [1, 1, 1]

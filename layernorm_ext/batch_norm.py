@@ -2,7 +2,7 @@
 ``BatchNorm1d`` / ``BatchNorm2d`` / ``BatchNorm3d`` (drop-ins for torch.nn's),
 with the fake kernels of the ``layernorm_ext::batch_norm_forward`` /
 ``batch_norm_backward`` ops. Both ops' autograd (reverse and forward mode,
-any order) is C++ (csrc/autograd.cpp); their vmap rules are in _vmap.py.
+any order) is C++ (csrc/autograd_*_ops.cpp); their vmap rules are in _vmap.py.
 
 The ops never mutate: ``batch_norm_forward`` returns the updated running
 statistics and :func:`batch_norm` copies them into the buffers, after every
@@ -92,8 +92,8 @@ def _outside_transforms() -> bool:
 
 def _copy(buffer, value):
     """The op's value does not require grad, so copy_ records nothing unless
-    the buffer does; only then is torch.no_grad (a microsecond per call, as
-    much as the view) needed."""
+    the buffer does; only then is torch.no_grad (which costs as much as the
+    copy on a small buffer) needed."""
     if buffer.requires_grad:
         with torch.no_grad():
             buffer.copy_(value)

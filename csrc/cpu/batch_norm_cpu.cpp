@@ -6,7 +6,6 @@
 #include "../batch_norm_checks.h"
 #include "../row_norm_checks.h"
 #include "batch_norm_kernels.h"
-#include "output_cache.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -46,7 +45,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_nor
   const auto b = optional_contiguous_as(bias, acc_type);
   const auto old_mean = optional_contiguous_as(running_mean, acc_type);
   const auto old_var = optional_contiguous_as(running_var, acc_type);
-  auto output = empty_output(input.sizes(), x.options(), format);
+  auto output = at::empty(input.sizes(), x.options().memory_format(format));
   auto save_mean = at::empty({shape.channels}, acc_options);
   auto save_rstd = at::empty({shape.channels}, acc_options);
   const bool update = training && running_mean.has_value();
@@ -88,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
   const bool want_input = output_mask[0];
   const bool want_weight = output_mask[1] && weight.has_value();
   const bool want_bias = output_mask[2] && bias.has_value();
-  auto grad_input = want_input ? empty_output(input.sizes(), x.options(), format)
+  auto grad_input = want_input ? at::empty(input.sizes(), x.options().memory_format(format))
                                : at::empty({0}, x.options());
   auto grad_weight_acc = at::empty({want_weight ? shape.channels : 0}, acc_options);
   auto grad_bias_acc = at::empty({want_bias ? shape.channels : 0}, acc_options);

@@ -2,7 +2,6 @@
 // output allocation and dtype dispatch around the row kernels of
 // row_norm_kernels.h.
 #include "../row_norm_checks.h"
-#include "output_cache.h"
 #include "row_norm_op_helpers.h"
 
 #include <ATen/ATen.h>
@@ -27,8 +26,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_forward_im
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto w = param_as_acc(weight, shape.cols, acc_type, 1);
   const auto b = param_as_acc(bias, shape.cols, acc_type, 0);
-  auto output = empty_output(input.sizes(), x.options());
-  auto sum = residual ? empty_output(input.sizes(), x.options()) : at::Tensor();
+  auto output = at::empty(input.sizes(), x.options());
+  auto sum = residual ? at::empty(input.sizes(), x.options()) : at::Tensor();
   auto mean = at::empty(stats_shape(input, normalized_shape), x.options().dtype(acc_type));
   auto rstd = at::empty(stats_shape(input, normalized_shape), x.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "layer_norm_forward", [&] {
@@ -83,7 +82,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_cpu(
   const auto w = param_as_acc(weight, shape.cols, acc_type, 1);
   const bool want_weight = output_mask[1] && weight.has_value();
   const bool want_bias = output_mask[2] && bias.has_value();
-  auto grad_input = empty_output(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, x.options());
+  auto grad_input = at::empty(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, x.options());
   auto grad_weight = at::empty(want_weight ? normalized_shape : at::IntArrayRef{0}, acc_options);
   auto grad_bias = at::empty(want_bias ? normalized_shape : at::IntArrayRef{0}, acc_options);
   auto partials = grad_partials(shape, int64_t{want_weight} + int64_t{want_bias}, acc_type);

@@ -2,7 +2,6 @@
 // kernels without centering (row_norm_kernels.h with kCenter = false), behind
 // RMSNorm's own checks.
 #include "../row_norm_checks.h"
-#include "output_cache.h"
 #include "row_norm_op_helpers.h"
 
 #include <ATen/ATen.h>
@@ -26,8 +25,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_forward_impl(
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto w = param_as_acc(weight, shape.cols, acc_type, 1);
   const auto zero_bias = param_as_acc(std::nullopt, shape.cols, acc_type, 0);
-  auto output = empty_output(input.sizes(), x.options());
-  auto sum = residual ? empty_output(input.sizes(), x.options()) : at::Tensor();
+  auto output = at::empty(input.sizes(), x.options());
+  auto sum = residual ? at::empty(input.sizes(), x.options()) : at::Tensor();
   auto rstd = at::empty(stats_shape(input, normalized_shape), x.options().dtype(acc_type));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "rms_norm_forward", [&] {
     using acc = acc_t<scalar_t>;
@@ -75,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(
   const auto acc_type = accumulate_type(x.scalar_type());
   const auto w = param_as_acc(weight, shape.cols, acc_type, 1);
   const bool want_weight = output_mask[1] && weight.has_value();
-  auto grad_input = empty_output(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, x.options());
+  auto grad_input = at::empty(output_mask[0] ? input.sizes() : at::IntArrayRef{0}, x.options());
   auto grad_weight =
       at::empty(want_weight ? normalized_shape : at::IntArrayRef{0}, x.options().dtype(acc_type));
   auto partials = grad_partials(shape, int64_t{want_weight}, acc_type);

@@ -4,7 +4,6 @@
 #pragma once
 
 #include "../row_norm_checks.h"
-#include "output_cache.h"
 #include "row_norm_kernels.h"
 
 #include <ATen/ATen.h>
@@ -23,11 +22,11 @@ inline at::Tensor param_as_acc(
 }
 
 // A row kernel's contiguous output `t` laid out in `format`: `t` itself for
-// Contiguous, else a copy with the strides at::empty gives for `format` (in
-// a cached block; `t`'s returns to the cache), which the fake kernels give.
+// Contiguous, else a copy with the strides at::empty gives for `format`,
+// which the fake kernels give.
 inline at::Tensor in_memory_format(const at::Tensor& t, at::MemoryFormat format) {
   if (format == at::MemoryFormat::Contiguous) return t;
-  auto relaid = empty_output(t.sizes(), t.options(), format);
+  auto relaid = at::empty(t.sizes(), t.options().memory_format(format));
   relaid.copy_(t);
   return relaid;
 }

@@ -8,7 +8,8 @@ torch eager and torch.compile (inductor), under glibc malloc and tcmalloc.
 Each allocator gets a child process of this script, started alike (tcmalloc
 and jemalloc through LD_PRELOAD; apt-get install libtcmalloc-minimal4
 libjemalloc2); jemalloc runs with the MALLOC_CONF of PyTorch's CPU tuning
-guide unless MALLOC_CONF is set. Every output of ours and torch's comes from
+guide unless MALLOC_CONF is set, and glibc-thp is glibc with torch's
+THP_MEM_ALLOC_ENABLE=1. Every output of ours and torch's comes from
 the process's allocator, so the allocator decides for both sides whether a
 large output is fresh memory (a page fault every 4 KiB) or reused.
 
@@ -67,7 +68,6 @@ QUICK_BATCH_NORM_SHAPES = [(32, 64, 56, 56)]
 DTYPES = [torch.float32, torch.bfloat16]
 QUICK_DTYPES = [torch.float32]
 STATS_BYTES = 4  # per-row / per-channel statistics are float32 here
-CONTENDERS = ("ours", "eager", "inductor", "copy")
 
 # name -> (library to preload, environment it runs with); glibc is the default.
 ALLOCATORS = {
@@ -177,7 +177,8 @@ def batch_norm_cases(shapes, dtypes):
                 dy = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=memory_format)
                 w = torch.randn(channels, generator=g)
                 b = torch.randn(channels, generator=g)
-                running = {name: (torch.zeros(channels), torch.ones(channels)) for name in CONTENDERS}
+                running = {name: (torch.zeros(channels), torch.ones(channels))
+                           for name in ("ours", "eager", "inductor")}
 
                 def train(fn, name):
                     mean, var = running[name]

@@ -4,6 +4,7 @@ torch eager and torch.compile (inductor), under glibc malloc and tcmalloc.
     python benchmarks/bench_cpu.py [--quick] [--ops layer_norm,rms_norm,batch_norm]
                                    [--threads 1,all] [--allocators glibc,tcmalloc]
                                    [--budget SECONDS] [--out benchmarks/results]
+    python benchmarks/bench_cpu.py --from-json benchmarks/results/cpu.json
 
 Each allocator gets a child process of this script, started alike (tcmalloc
 and jemalloc through LD_PRELOAD; apt-get install libtcmalloc-minimal4
@@ -25,9 +26,10 @@ written once) as a percentage of the copy's. Then geometric means per
 allocator and thread count, and the cases that miss the project's targets.
 
 Writes <out>/cpu.md (machine, commit, date, torch and allocator versions,
-load average) and <out>/cpu.png. ``--quick`` runs fewer cases for a shorter
-time (development; it writes to a directory under the system's temporary
-one unless --out is given).
+load average), <out>/cpu.png and the raw results <out>/cpu.json, from which
+``--from-json`` writes the table and plot again without measuring.
+``--quick`` runs fewer cases for a shorter time (development; it writes to a
+directory under the system's temporary one unless --out is given).
 Timings taken while other processes load the CPU are noisy: compare ratios
 within one run, and publish numbers from a quiet machine.
 """
@@ -363,31 +365,33 @@ def write_plot(cases, path, header):
 
     panels = list(dict.fromkeys((c.allocator, c.threads) for c in cases))
     per_panel = max(len(cases) // len(panels), 1)
-    fig, axes = plt.subplots(len(panels), 2, squeeze=False,
-                             figsize=(2 * max(8, 0.3 * per_panel + 3), 3.2 * len(panels) + 3))
+    # One column: each allocator and thread count gives a speedup row and a
+    # bandwidth row over the same cases, labelled once at the bottom.
+    fig, axes = plt.subplots(2 * len(panels), 1, squeeze=False, sharex=True,
+                             figsize=(max(8, 0.3 * per_panel + 3), 2.6 * 2 * len(panels) + 3.5))
     width = 0.27
     for row, (allocator, threads) in enumerate(panels):
         subset = [c for c in cases if (c.allocator, c.threads) == (allocator, threads)]
         xs = range(len(subset))
-        speedup, share = axes[row]
+        speedup, share = axes[2 * row][0], axes[2 * row + 1][0]
         for offset, peer in ((-width / 2, "eager"), (width / 2, "inductor")):
             speedup.bar([x + offset for x in xs], [ratio(c, peer) for c in subset], width,
                         label=f"vs {peer}")
         speedup.axhline(1.0, color="black", linewidth=0.8)
         speedup.set_yscale("log")
-        speedup.set_ylabel("their time / ours (log)")
+        speedup.set_ylabel("their time / ours (log)", fontsize=8)
         speedup.set_title(f"{allocator}, {threads} thread(s)", fontsize=9)
         for offset, who in ((-width, "ours"), (0, "eager"), (width, "inductor")):
             share.bar([x + offset for x in xs], [100 * copy_share(c, who) for c in subset], width,
                       label="layernorm_ext" if who == "ours" else who)
-        share.set_ylabel("% of copy bandwidth")
-        for axis in (speedup, share):
-            last = row == len(panels) - 1
-            axis.set_xticks(list(xs), [label(c) for c in subset] if last else [],
-                            rotation=90, fontsize=7)
+        share.set_ylabel("% of copy bandwidth", fontsize=8)
+        # A copy slowed by a preempted thread would flatten every other bar.
+        share.set_ylim(0, min(share.get_ylim()[1], 200))
         if row == 0:
             speedup.legend(fontsize=8)
             share.legend(fontsize=8)
+    last = [c for c in cases if (c.allocator, c.threads) == panels[-1]]
+    axes[-1][0].set_xticks(list(range(len(last))), [label(c) for c in last], rotation=90, fontsize=7)
     fig.suptitle(f"layernorm_ext vs torch eager and inductor on CPU: {header['machine']}, "
                  f"torch {header['torch']}, {header['commit']}, {header['date']}", fontsize=9)
     fig.tight_layout()
@@ -476,6 +480,9 @@ def main(argv=None):
     parser.add_argument("--out", default=None,
                         help="directory for cpu.md and cpu.png (default benchmarks/results, "
                              "with --quick a directory under the temporary one)")
+    parser.add_argument("--from-json", metavar="PATH",
+                        help="write cpu.md and cpu.png from the cpu.json of an earlier run, "
+                             "measuring nothing")
     parser.add_argument("--allocator", help=argparse.SUPPRESS)  # the child's own allocator
     parser.add_argument("--json", help=argparse.SUPPRESS)  # where the child writes its results
     args = parser.parse_args(argv)
@@ -503,6 +510,27 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(run_allocator(args, cases())))
         return
 
+    if args.out:
+        out = Path(args.out)
+    elif args.quick:
+        out = Path(tempfile.gettempdir()) / "layernorm_ext_bench_cpu_quick"
+    else:
+        out = ROOT / "benchmarks" / "results"
+    if args.from_json:
+        run = json.loads(Path(args.from_json).read_text())
+    else:
+        run = measure_all(allocators, argv)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.from_json:
+        (out / "cpu.json").write_text(json.dumps(run, indent=1))
+    cases = [Case(**{**c, "shape": tuple(c["shape"])}) for c in run["cases"]]
+    write_markdown(cases, out / "cpu.md", run["header"], l2_bytes())
+    write_plot(cases, out / "cpu.png", run["header"])
+    print(f"wrote {out / 'cpu.md'} and {out / 'cpu.png'}")
+
+
+def measure_all(allocators, argv):
+    """Runs a child per allocator; returns the header and every measured case."""
     load_before = load_average()
     reports = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -511,8 +539,6 @@ def main(argv=None):
             subprocess.run([sys.executable, __file__, *argv, "--allocator", allocator, "--json", str(path)],
                            env=child_environment(allocator), check=True)
             reports[allocator] = json.loads(path.read_text())
-    cases = [Case(**{**c, "shape": tuple(c["shape"])})
-             for report in reports.values() for c in report["cases"]]
     header = {
         "machine": cpu_description(),
         "torch": torch.__version__,
@@ -523,16 +549,7 @@ def main(argv=None):
         "load average (1, 5, 15 min) before / after": f"{load_before} / {load_average()}",
         "command": "python benchmarks/bench_cpu.py " + " ".join(argv),
     }
-    if args.out:
-        out = Path(args.out)
-    elif args.quick:
-        out = Path(tempfile.gettempdir()) / "layernorm_ext_bench_cpu_quick"
-    else:
-        out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    write_markdown(cases, out / "cpu.md", header, l2_bytes())
-    write_plot(cases, out / "cpu.png", header)
-    print(f"wrote {out / 'cpu.md'} and {out / 'cpu.png'}")
+    return {"header": header, "cases": [c for report in reports.values() for c in report["cases"]]}
 
 
 if __name__ == "__main__":

@@ -1,8 +1,7 @@
 // The Python extension module (layernorm_ext._C, or the JIT build's module).
 // Importing it loads the shared library, whose static initializers register
 // the ops (ops.cpp) and their kernels; the module itself reports how the library
-// was built and manages the CPU output cache.
-#include "cpu/output_cache.h"
+// was built.
 #include "eager_calls.h"
 #include "cpu/simd_level.h"
 
@@ -26,16 +25,6 @@ pybind11::dict compiled_with() {
   return info;
 }
 
-pybind11::dict cpu_cache_info() {
-  const auto info = layernorm_ext::cpu::output_cache_info();
-  pybind11::dict result;
-  result["cached_bytes"] = info.cached_bytes;
-  result["limit_bytes"] = info.limit_bytes;
-  result["hits"] = info.hits;
-  result["misses"] = info.misses;
-  return result;
-}
-
 } // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -47,11 +36,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_set_simd_level", [](const std::string& name) {
     layernorm_ext::cpu::set_simd_level(layernorm_ext::cpu::parse_simd_level(name));
   });
-  // The cache of freed CPU output blocks (cpu/output_cache.h); wrapped by
-  // layernorm_ext/cpu_cache.py.
-  m.def("cpu_cache_info", &cpu_cache_info);
-  m.def("empty_cpu_cache", &layernorm_ext::cpu::empty_output_cache);
-  m.def("set_cpu_cache_limit", &layernorm_ext::cpu::set_output_cache_limit);
   // The forward ops without torch.ops' boxing, for the eager wrappers
   // (layernorm_ext/_eager.py).
   auto eager = m.def_submodule("eager", "direct calls to the forward ops (see _eager.py)");

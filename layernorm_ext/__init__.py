@@ -18,7 +18,6 @@ ensure_loaded()
 
 from .batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, batch_norm  # noqa: E402
 from .convert import replace_norms  # noqa: E402
-from .cpu_cache import cpu_cache_info, empty_cpu_cache, set_cpu_cache_limit  # noqa: E402
 from .fused_add import fused_add_layer_norm, fused_add_rms_norm  # noqa: E402
 from .layer_norm import LayerNorm, layer_norm  # noqa: E402
 from .rms_norm import RMSNorm, rms_norm  # noqa: E402
@@ -44,13 +43,10 @@ __all__ = [
     "SyncBatchNorm",
     "batch_norm",
     "build_info",
-    "cpu_cache_info",
-    "empty_cpu_cache",
     "fused_add_layer_norm",
     "fused_add_rms_norm",
     "layer_norm",
     "load_jit",
     "replace_norms",
     "rms_norm",
-    "set_cpu_cache_limit",
 ]

@@ -278,21 +278,27 @@ constexpr int64_t kGroupCacheBytes = int64_t{1} << 20;
 // pair of each channel's block [begin, end), merged in block order into
 // totals (one pair per channel of the group). Every plane-layout reduction
 // ends here, whichever task computed the blocks and however many channels it
-// swept at once, so the bits depend on the shape alone.
+// swept at once, so the bits depend on the shape alone. The totals are
+// merged in double and rounded to acc once: a channel of 10^6 values merges
+// 123 blocks, and each merge in float32 would round the running pair again.
 template <typename Merge, typename acc, typename BlockStats>
 void merge_channel_blocks(
     int64_t positions, int64_t c0, int64_t c1, const BlockStats& block_stats,
     std::array<acc, 2>* totals) {
   std::array<std::array<acc, 2>, kMaxGroupChannels> block;
-  std::fill(totals, totals + (c1 - c0), std::array<acc, 2>{acc(0), acc(0)});
+  std::array<std::array<double, 2>, kMaxGroupChannels> merged;
+  std::fill(merged.begin(), merged.begin() + (c1 - c0), std::array<double, 2>{0, 0});
   for (int64_t begin = 0; begin < positions; begin += kStatBlock) {
     const int64_t end = std::min(positions, begin + kStatBlock);
     block_stats(c0, c1, begin, end, block.data());
     for (int64_t k = 0; k < c1 - c0; ++k) {
-      Merge::merge(
-          &totals[k][0], &totals[k][1], begin, &block[k][0], &block[k][1], end - begin,
-          int64_t{1});
+      const std::array<double, 2> other{block[k][0], block[k][1]};
+      Merge::merge(&merged[k][0], &merged[k][1], begin, &other[0], &other[1], end - begin,
+                   int64_t{1});
     }
+  }
+  for (int64_t k = 0; k < c1 - c0; ++k) {
+    totals[k] = {static_cast<acc>(merged[k][0]), static_cast<acc>(merged[k][1])};
   }
 }
 
@@ -573,9 +579,10 @@ void for_each_plane_of_group(
 
 // Statistics of the training forward: per-channel mean and m2 (sum of squared
 // deviations from the mean). A block's sum is taken of x - shift, shift being
-// a value of the block (its first row), so that its rounding error scales
-// with the channel's spread and not with its mean (a float32 sum of 8192
-// values near 1e4 would lose the mean's last digits). m2 is the corrected
+// an estimate of its mean (plane layout: shift_estimate of the block's first
+// values; row layout: the sub-block's first row), so that its rounding error
+// scales with the channel's spread and not with its mean (a float32 sum of
+// 8192 values near 1e4 would lose the mean's last digits). m2 is the corrected
 // two-pass sum(d^2) - sum(d)^2 / n, d = x - mean: the second term takes out
 // the error the rounding of the mean leaves in the first.
 //
@@ -634,18 +641,23 @@ struct MomentsSweep {
   // The (mean, m2) of the block [begin, end) of each of channels [c0, c1).
   void plane_blocks(
       int64_t c0, int64_t c1, int64_t begin, int64_t end, std::array<acc, 2>* stats) const {
-    std::array<acc, kMaxGroupChannels> shift, shifted_sum, shifted_squares, mean, sum_squares,
+    // The sums of the runs are added, and the statistics formed, in double
+    // (see chunked_sums), then rounded to acc once.
+    std::array<acc, kMaxGroupChannels> shift, mean;
+    std::array<double, kMaxGroupChannels> shifted_sum, shifted_squares, sum_squares,
         sum_deviations;
     const int64_t o = begin / layout.inner, i = begin % layout.inner;
+    const int64_t first_run = std::min(layout.inner - i, end - begin);
     for (int64_t c = c0; c < c1; ++c) {
-      shift[c - c0] = static_cast<acc>(x[(o * layout.channels + c) * layout.inner + i]);
-      shifted_sum[c - c0] = shifted_squares[c - c0] = acc(0);
-      sum_squares[c - c0] = sum_deviations[c - c0] = acc(0);
+      const T* run = x + (o * layout.channels + c) * layout.inner + i;
+      shift[c - c0] = shift_estimate<acc>(first_run, [&](int64_t k) { return static_cast<acc>(run[k]); });
+      shifted_sum[c - c0] = shifted_squares[c - c0] = 0;
+      sum_squares[c - c0] = sum_deviations[c - c0] = 0;
     }
-    const acc inv_count = acc(1) / static_cast<acc>(end - begin);
+    const double inv_count = 1 / static_cast<double>(end - begin);
     for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
       const acc s = shift[c - c0];
-      const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
+      const Sums2<double> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
         using V = decltype(tag);
         const V d = V::load(x + offset + j) - V::broadcast(s);
         return Sums2<V>{d, d * d};
@@ -660,19 +672,19 @@ struct MomentsSweep {
     std::array<bool, kMaxGroupChannels> second_sweep;
     bool any_second_sweep = false;
     for (int64_t k = 0; k < c1 - c0; ++k) {
-      const acc offset_from_shift = shifted_sum[k] * inv_count;
-      mean[k] = shift[k] + offset_from_shift;
-      const acc m2 = shifted_squares[k] - shifted_sum[k] * offset_from_shift;
-      stats[k] = {mean[k], m2};
+      const double offset_from_shift = shifted_sum[k] * inv_count;
+      mean[k] = static_cast<acc>(shift[k] + offset_from_shift);
+      const double m2 = shifted_squares[k] - shifted_sum[k] * offset_from_shift;
+      stats[k] = {mean[k], static_cast<acc>(m2)};
       second_sweep[k] =
-          !one_sweep_exact(Scalar<acc>{offset_from_shift}, Scalar<acc>{m2 * inv_count});
+          !one_sweep_exact(Scalar<double>{offset_from_shift}, Scalar<double>{m2 * inv_count});
       any_second_sweep = any_second_sweep || second_sweep[k];
     }
     if (!any_second_sweep) return;
     for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
       if (!second_sweep[c - c0]) return;
       const acc mu = mean[c - c0];
-      const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
+      const Sums2<double> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
         using V = decltype(tag);
         const V d = V::load(x + offset + j) - V::broadcast(mu);
         return Sums2<V>{d * d, d};
@@ -682,7 +694,8 @@ struct MomentsSweep {
     });
     for (int64_t k = 0; k < c1 - c0; ++k) {
       if (!second_sweep[k]) continue;
-      stats[k] = {mean[k], sum_squares[k] - sum_deviations[k] * sum_deviations[k] * inv_count};
+      stats[k] = {mean[k], static_cast<acc>(sum_squares[k] -
+                                            sum_deviations[k] * sum_deviations[k] * inv_count)};
     }
   }
 };
@@ -719,17 +732,22 @@ struct GradSumsSweep {
   // The sums over the block [begin, end) of each of channels [c0, c1).
   void plane_blocks(
       int64_t c0, int64_t c1, int64_t begin, int64_t end, std::array<acc, 2>* stats) const {
-    std::fill(stats, stats + (c1 - c0), std::array<acc, 2>{acc(0), acc(0)});
+    // The runs' sums are added in double (see chunked_sums), then rounded once.
+    std::array<Sums2<double>, kMaxGroupChannels> sums;
+    std::fill(sums.begin(), sums.begin() + (c1 - c0), Sums2<double>{0, 0});
     for_each_group_run(layout, c0, c1, begin, end, [&](int64_t c, int64_t offset, int64_t length) {
       const acc mu = wide_mean[c];
-      const Sums2<acc> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
+      const Sums2<double> run = chunked_sums<acc>(length, [&](auto tag, int64_t j) {
         using V = decltype(tag);
         const V g = V::load(grad_output + offset + j);
         return Sums2<V>{g, g * (V::load(x + offset + j) - V::broadcast(mu))};
       });
-      stats[c - c0][0] += run.first;
-      stats[c - c0][1] += run.second;
+      sums[c - c0].first += run.first;
+      sums[c - c0].second += run.second;
     });
+    for (int64_t k = 0; k < c1 - c0; ++k) {
+      stats[k] = {static_cast<acc>(sums[k].first), static_cast<acc>(sums[k].second)};
+    }
   }
 };
 
@@ -798,26 +816,35 @@ void batch_norm_forward(const BatchNormForwardArgs<T>& args) {
   const int64_t count = layout.outer * layout.inner;
   const bool stream = stream_output<T>(count * channels);
 
-  // y = (x - mean) * scale + shift; subtracting the mean first keeps a
-  // channel with a large mean exact, where x * scale + (shift - mean * scale)
-  // would round x * scale at the mean's magnitude. Per-channel coefficients
-  // (save_mean, scale, shift), widened to a folded row for the row layout.
-  std::vector<acc> scale(channels), shift(channels);
-  std::vector<acc> wide_mean, wide_scale, wide_shift;
+  // y = (x - center) * scale + shift. A channel whose mean lies further than
+  // a standard deviation from 0 takes center = mean, shift = bias:
+  // subtracting the mean first keeps it exact, where x * scale would round
+  // at the mean's magnitude. Any other takes center = 0 (subtracted
+  // exactly) and shift = bias - mean * scale (in double, rounded once):
+  // x * scale + shift in one fma, one rounding fewer than the subtraction
+  // costs. Per-channel coefficients (center, scale, shift), widened to a
+  // folded row for the row layout.
+  std::vector<acc> center(channels), scale(channels), shift(channels);
+  std::vector<acc> wide_center, wide_scale, wide_shift;
   auto set_coefficients = [&](int64_t c, acc mu, acc rstd) {
     args.save_mean[c] = mu;
     args.save_rstd[c] = rstd;
     scale[c] = args.weight ? rstd * args.weight[c] : rstd;
-    shift[c] = args.bias ? args.bias[c] : acc(0);
+    const acc bias = args.bias ? args.bias[c] : acc(0);
+    const bool mean_within_std = std::abs(mu) * rstd <= acc(1);
+    center[c] = mean_within_std ? acc(0) : mu;
+    shift[c] = mean_within_std
+        ? static_cast<acc>(static_cast<double>(bias) - static_cast<double>(mu) * scale[c])
+        : bias;
   };
   auto widen_coefficients = [&] {
-    wide_mean = widen(args.save_mean, channels);
+    wide_center = widen(center.data(), channels);
     wide_scale = widen(scale.data(), channels);
     wide_shift = widen(shift.data(), channels);
   };
   auto row = [&](int64_t offset, int64_t width) {
     const T* x = args.input + offset;
-    const acc* mu = wide_mean.data();
+    const acc* mu = wide_center.data();
     const acc* k = wide_scale.data();
     const acc* b = wide_shift.data();
     write_elements<acc>(args.output + offset, width, stream, [&](auto tag, int64_t j) {
@@ -828,7 +855,7 @@ void batch_norm_forward(const BatchNormForwardArgs<T>& args) {
   auto plane_range = [&](int64_t begin, int64_t end) {
     write_plane_range<acc>(
         args.output, begin, end, layout,
-        ChannelCoefficients<acc, 3>{args.save_mean, scale.data(), shift.data()}, stream,
+        ChannelCoefficients<acc, 3>{center.data(), scale.data(), shift.data()}, stream,
         [x = args.input](auto tag, int64_t e, const auto& k) {
           using V = decltype(tag);
           return fma(V::load(x + e) - k[0], k[1], k[2]);
@@ -839,7 +866,7 @@ void batch_norm_forward(const BatchNormForwardArgs<T>& args) {
     for (int64_t c = 0; c < channels; ++c) {
       set_coefficients(
           c, args.running_mean[c],
-          acc(1) / std::sqrt(args.running_var[c] + static_cast<acc>(args.eps)));
+          static_cast<acc>(1 / std::sqrt(static_cast<double>(args.running_var[c]) + args.eps)));
     }
     if (layout.inner == 1) widen_coefficients();
     parallel_elementwise(layout, row, plane_range);
@@ -850,8 +877,9 @@ void batch_norm_forward(const BatchNormForwardArgs<T>& args) {
     // The corrected two-pass m2 may round to just below 0 for a channel of
     // (nearly) equal values; NaN stays NaN.
     m2 = std::max(m2, acc(0));
-    const acc var = count > 0 ? m2 / static_cast<acc>(count) : acc(0);
-    set_coefficients(c, mu, acc(1) / std::sqrt(var + static_cast<acc>(args.eps)));
+    const double var = count > 0 ? static_cast<double>(m2) / static_cast<double>(count) : 0.0;
+    // rstd rounded once, from the variance in double.
+    set_coefficients(c, mu, static_cast<acc>(1 / std::sqrt(var + args.eps)));
     if (!args.new_running_mean) return;
     // An empty batch leaves the running stats as they are (as torch does).
     const acc old_mean = args.running_mean[c];

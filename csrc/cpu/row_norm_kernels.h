@@ -17,6 +17,7 @@
 #include "simd_targets.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 namespace layernorm_ext::cpu {
@@ -31,14 +32,25 @@ inline int64_t grain_rows(int64_t cols) {
   return std::max<int64_t>(1, kGrainElements / std::max<int64_t>(cols, 1));
 }
 
+// Tasks worth running for rows x cols elements (kGrainElements each).
+inline int64_t grad_tasks(int64_t rows, int64_t cols) {
+  return std::max<int64_t>(1, rows * std::max<int64_t>(cols, 1) / kGrainElements);
+}
+
 // Number of row blocks for the weight/bias gradient partials: a function of
 // the shape alone (never of the thread count), so the summation order is fixed.
+// A column's gradient is a chain of rounded adds, one per row group of
+// kRowGroup (row_norm_kernels_impl.h), within a block; the blocks are added
+// in double. About sqrt(rows) blocks (within the bounds) keep the chain near
+// sqrt(rows) / kRowGroup adds (one block of 4096 rows would chain 1024), also
+// where the work alone would take one task (grad_tasks; a task then takes
+// several blocks).
 inline int64_t grad_blocks(int64_t rows, int64_t cols, int64_t acc_bytes_per_col) {
   if (rows == 0) return 0;
-  const int64_t by_work = std::max<int64_t>(1, rows * std::max<int64_t>(cols, 1) / kGrainElements);
+  const auto by_accuracy = static_cast<int64_t>(std::sqrt(static_cast<double>(rows)));
   const int64_t by_memory =
       std::max<int64_t>(1, kMaxGradPartialBytes / std::max<int64_t>(1, cols * acc_bytes_per_col));
-  return std::min({rows, by_work, by_memory, kMaxGradBlocks});
+  return std::min({rows, std::max(grad_tasks(rows, cols), by_accuracy), by_memory, kMaxGradBlocks});
 }
 
 template <typename T>

@@ -17,15 +17,18 @@
 // half/bfloat16 to acc into a per-task buffer and sums it, all in one pass;
 // the normalize sweep then reads the row from L1/L2.
 //
-// LayerNorm's variance: the first sweep sums d = x - x[0] and d^2, and
-// var = (sum d^2 - (sum d)^2 / n) / n. Shifting by a value of the row keeps
-// the terms of the row's spread, so a large mean does not cancel as it does
-// in E[x^2] - E[x]^2: the cancellation costs a relative error of about
-// (mean - x[0])^2 / var roundings, a few when x[0] is a typical value of the
-// row. When x[0] is an outlier ((mean - x[0])^2 > kOnePassSpread * var), and
-// for non-finite rows, a second sweep takes the squared deviations from the
-// mean itself (the corrected two-pass formula). The row kernels are bound by
-// L1 loads for rows in cache: the second sweep would cost a third of them.
+// LayerNorm's variance: the first sweep sums d = x - shift and d^2, shift
+// the mean of the row's first values (shift_estimate), and
+// var = (sum d^2 - (sum d)^2 / n) / n. Shifting keeps the terms of the row's
+// spread, so a large mean does not cancel as it does in E[x^2] - E[x]^2:
+// the cancellation costs a relative error of about (mean - shift)^2 / var
+// roundings, a fraction of one for a shift near the mean. When the shift is
+// far from the mean ((mean - shift)^2 > kOnePassSpread * var), and for
+// non-finite rows, a second sweep takes the squared deviations from the mean
+// itself (the corrected two-pass formula). The row kernels are bound by L1
+// loads for rows in cache: the second sweep would cost a third of them.
+// The sums come back in double (chunked_sums); mean, variance and rstd are
+// formed from them in double and rounded to acc once.
 //
 // Outputs of kStreamBytes or more (too large to stay in cache for their
 // consumer) with 64-byte aligned rows are written with non-temporal stores,
@@ -34,9 +37,10 @@
 //
 // Backward: for a group of kRowGroup rows, one sweep per row loads x and dy
 // and sums dy*w and dy*w*(x - mean); then one sweep over the columns writes
-// the group's dx rows and adds their terms to the block's weight/bias gradient partial rows,
-// loading and storing each partial once per group instead of once per row
-// (in row order, so the bits are those of a row-by-row sum). Rows are cut
+// the group's dx rows and adds the group's sum of their terms to the block's
+// weight/bias gradient partial rows, loading and storing each partial once
+// per group instead of once per row: a partial takes one rounded add per
+// group, so its error grows with the groups of a block, not its rows. Rows are cut
 // into a number of blocks that depends on the shape alone; a task owns whole
 // blocks, whose partial rows stay in cache while it sums its rows into them;
 // the partials are then added in block order. No atomics, and the bits do not
@@ -77,17 +81,21 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
       } else {
         x = res ? sum_out : in;
       }
-      // LayerNorm sums x - x[0], not x: the terms stay of the row's spread,
-      // so the mean stays exact when it is large against that spread.
+      // LayerNorm sums x - shift, not x: the terms stay of the row's spread,
+      // so the mean stays exact when it is large against that spread. The
+      // shift is taken from the row as the sweep will see it (the fused sum
+      // rounded to T).
       acc shift = 0;
-      if (kCenter && cols > 0) {
-        shift = static_cast<acc>(in[0]);
-        if (res) shift = static_cast<acc>(static_cast<T>(shift + static_cast<acc>(res[0])));
+      if constexpr (kCenter) {
+        shift = shift_estimate<acc>(cols, [&](int64_t k) {
+          const acc value = static_cast<acc>(in[k]);
+          return res ? static_cast<acc>(static_cast<T>(value + static_cast<acc>(res[k]))) : value;
+        });
       }
       // First sweep: x (rounded to T when it is a fused sum, as the separate
       // add would be), stored where needed, and the sums of d = x - shift and
       // d^2 (LayerNorm) or of x^2 (RMSNorm).
-      const Sums2<acc> first = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+      const Sums2<double> first = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
         using V = decltype(tag);
         V v = V::load(in + j);
         if (res) {
@@ -103,14 +111,15 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
           return Sums2<V>{square, square};
         }
       });
-      acc mu = 0, var;
+      acc mu = 0;
+      double var;
       if constexpr (kCenter) {
-        const acc offset = first.first / cols;  // mean - shift
-        mu = shift + offset;
+        const double offset = first.first / cols;  // mean - shift
+        mu = static_cast<acc>(shift + offset);
         args.mean[r] = mu;
         var = (first.second - first.first * offset) / cols;
-        if (!one_sweep_exact(Scalar<acc>{offset}, Scalar<acc>{var})) {
-          const Sums2<acc> deviations = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+        if (!one_sweep_exact(Scalar<double>{offset}, Scalar<double>{var})) {
+          const Sums2<double> deviations = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
             using V = decltype(tag);
             const V d = V::load(x + j) - V::broadcast(mu);
             return Sums2<V>{d * d, d};
@@ -122,7 +131,7 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
       } else {
         var = first.first / cols;
       }
-      const acc rs = acc(1) / std::sqrt(var + static_cast<acc>(args.eps));
+      const acc rs = static_cast<acc>(1 / std::sqrt(var + args.eps));
       args.rstd[r] = rs;
       T* y = args.output + r * cols;
       // Locals, and one loop per store kind: through args and a captured
@@ -154,10 +163,11 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
   const int64_t blocks = partial_rows > 0
       ? grad_blocks(rows, cols, partial_rows * static_cast<int64_t>(sizeof(acc)))
       : (rows + grain_rows(cols) - 1) / grain_rows(cols);
-  const acc scale = acc(1) / std::max<int64_t>(cols, 1);
   const bool stream = stream_output(args.grad_input, rows, cols);
 
-  at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+  // A task takes blocks by the work they hold, so that small inputs stay inline.
+  const int64_t blocks_per_task = (blocks + grad_tasks(rows, cols) - 1) / grad_tasks(rows, cols);
+  at::parallel_for(0, blocks, blocks_per_task, [&](int64_t block_begin, int64_t block_end) {
     for (int64_t block = block_begin; block < block_end; ++block) {
       // Layout: for block b, its grad_weight partial row then its grad_bias one.
       acc* dweight = args.grad_weight ? args.partials + block * partial_rows * cols : nullptr;
@@ -187,13 +197,13 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
           mu[k] = kCenter ? args.mean[r] : acc(0);
           rs[k] = args.rstd[r];
           // Sums of g and of g * (x - mean).
-          const Sums2<acc> sums = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
+          const Sums2<double> sums = chunked_sums<acc>(cols, [&](auto tag, int64_t j) {
             using V = decltype(tag);
             const V g = V::load(dy[k] + j) * V::load(args.weight + j);
             return Sums2<V>{g, g * (V::load(x[k] + j) - V::broadcast(mu[k]))};
           });
-          mean_g_xhat[k] = sums.second * rs[k] * scale;
-          mean_g[k] = kCenter ? sums.first * scale : acc(0);
+          mean_g_xhat[k] = static_cast<acc>(sums.second * rs[k] / cols);
+          mean_g[k] = kCenter ? static_cast<acc>(sums.first / cols) : acc(0);
         }
         // The group's rows are still in L1/L2: read them again (converting
         // half/bfloat16 again is cheaper than buffering them as acc_t). A
@@ -223,8 +233,7 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
           for_each_vector<acc>(cols, [&](auto tag, int64_t j) {
             using V = decltype(tag);
             const V w = V::load(weight + j);
-            V dweight_sum = dweight ? V::load(dweight + j) : V::broadcast(0);
-            V dbias_sum = dbias ? V::load(dbias + j) : V::broadcast(0);
+            V dweight_sum = V::broadcast(0), dbias_sum = V::broadcast(0);
             for (int64_t k = 0; k < G; ++k) {
               const V rs_k = constant(tag, rs_v, rs, k);
               const V dyv = V::load(dy[k] + j);
@@ -242,8 +251,8 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
               dweight_sum = fma(dyv, xhat, dweight_sum);
               dbias_sum = dbias_sum + dyv;
             }
-            if (dweight) dweight_sum.store(dweight + j);
-            if (dbias) dbias_sum.store(dbias + j);
+            if (dweight) (V::load(dweight + j) + dweight_sum).store(dweight + j);
+            if (dbias) (V::load(dbias + j) + dbias_sum).store(dbias + j);
           });
         };
         static_assert(kRowGroup == 4, "the switch below covers every group size");
@@ -267,20 +276,19 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
   });
 
   if (partial_rows == 0) return;
-  // Add the block partials column by column, in block order.
+  // Add the block partials column by column, in block order, in double: the
+  // chain of rounded adds is then the one within a block (see grad_blocks).
   at::parallel_for(0, cols, grain_rows(blocks), [&](int64_t col_begin, int64_t col_end) {
-    for_each_vector<acc>(col_end - col_begin, [&](auto tag, int64_t offset) {
-      using V = decltype(tag);
-      const int64_t j = col_begin + offset;
-      V dweight = V::broadcast(0), dbias = V::broadcast(0);
+    for (int64_t j = col_begin; j < col_end; ++j) {
+      double dweight = 0, dbias = 0;
       for (int64_t block = 0; block < blocks; ++block) {
         const acc* partial = args.partials + block * partial_rows * cols + j;
-        if (args.grad_weight) dweight = dweight + V::load(partial);
-        if (args.grad_bias) dbias = dbias + V::load(partial + (args.grad_weight ? cols : 0));
+        if (args.grad_weight) dweight += partial[0];
+        if (args.grad_bias) dbias += partial[args.grad_weight ? cols : 0];
       }
-      if (args.grad_weight) dweight.store(args.grad_weight + j);
-      if (args.grad_bias) dbias.store(args.grad_bias + j);
-    });
+      if (args.grad_weight) args.grad_weight[j] = static_cast<acc>(dweight);
+      if (args.grad_bias) args.grad_bias[j] = static_cast<acc>(dbias);
+    }
   });
 }
 

@@ -10,10 +10,11 @@
 // the same operations and roundings) over the ragged ends, so an element's
 // result does not depend on which of the two computes it.
 
-// Sums run over chunks of this many elements, each summed in SIMD lanes, and
-// the chunk sums are added in order: the rounding error of a long sum grows
-// with the number of chunks, not with its length. A multiple of every Vec's
-// 4 * kLanes.
+// Sums run over chunks of this many elements, each summed in SIMD lanes of
+// acc, and the chunk sums are added in order in double: a lane sums at most
+// kSumChunk / kLanes terms, so the rounding error of a float32 sum stays
+// that of a short sum whatever its length, for two horizontal sums a chunk.
+// A multiple of every Vec's 4 * kLanes.
 constexpr int64_t kSumChunk = 512;
 
 // Outputs of kStreamBytes or more are too large to stay in cache for their
@@ -23,12 +24,17 @@ constexpr int64_t kSumChunk = 512;
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 constexpr int64_t kStreamAlignment = 64;
 
-// Variances in one sweep: the sums of d = x - shift and d^2, shift a value
-// of the data, give n * var = sum(d^2) - sum(d)^2 / n, which cancels by
-// about (mean - shift)^2 / var roundings. Up to kOnePassSpread of them (the
-// one-sweep variance good to about 1 + kOnePassSpread roundings) the kernels
-// keep it; beyond, they take the squared deviations from the mean in a
-// second sweep. A normal sample's shift lies beyond once in 16000.
+// Variances in one sweep: the sums of d = x - shift and d^2, shift an
+// estimate of the mean, give n * var = sum(d^2) - sum(d)^2 / n, which
+// cancels by about (mean - shift)^2 / var roundings. The shift is the mean of
+// the first kShiftSamples values (shift_estimate): (mean - shift)^2 / var is
+// then about 1 / kShiftSamples, where a single value of the data (an outlier
+// one at that) would cost up to kOnePassSpread roundings. Up to
+// kOnePassSpread of them (the one-sweep variance good to about
+// 1 + kOnePassSpread roundings) the kernels keep it; beyond (data whose first
+// values are far from the rest, or non-finite), they take the squared
+// deviations from the mean in a second sweep.
+constexpr int64_t kShiftSamples = 8;
 constexpr double kOnePassSpread = 16;
 
 // One lane with Vec's interface, for the elements that do not fill a Vec.
@@ -72,6 +78,16 @@ inline bool one_sweep_exact(V offset, V var) {
   return all_at_least(var * V::broadcast(kOnePassSpread), offset * offset);
 }
 
+// The shift of a one-sweep variance (see kShiftSamples): the mean of
+// value(k) for k in [0, min(n, kShiftSamples)), 0 when n is 0.
+template <typename acc, typename Value>
+inline acc shift_estimate(int64_t n, const Value& value) {
+  const int64_t samples = std::min(n, kShiftSamples);
+  acc total = 0;
+  for (int64_t k = 0; k < samples; ++k) total += value(k);
+  return samples > 0 ? total / static_cast<acc>(samples) : acc(0);
+}
+
 template <typename A>
 struct Sums2 {
   A first;
@@ -92,13 +108,15 @@ inline void for_each_vector(int64_t n, const Body& body) {
 // for the elements at j, as a Sums2 of decltype(tag) (Vec<acc> or
 // Scalar<acc>). Called once per element, in order, so terms may also store
 // (conversion buffers). Four accumulators per series hide the add latency.
+// The sums come back in double (see kSumChunk): the caller's formulas take
+// them without a float32 rounding first.
 template <typename acc, typename Terms>
-inline Sums2<acc> chunked_sums(int64_t n, const Terms& terms) {
+inline Sums2<double> chunked_sums(int64_t n, const Terms& terms) {
   using V = Vec<acc>;
   constexpr int64_t L = V::kLanes;
   const int64_t n_vec = n - n % L;
   const V zero = V::broadcast(0);
-  V total_first = zero, total_second = zero;
+  Sums2<double> sums{0, 0};
   for (int64_t start = 0; start < n_vec; start += kSumChunk) {
     const int64_t end = std::min(n_vec, start + kSumChunk);
     V first[4] = {zero, zero, zero, zero};
@@ -116,14 +134,13 @@ inline Sums2<acc> chunked_sums(int64_t n, const Terms& terms) {
       first[0] = first[0] + t.first;
       second[0] = second[0] + t.second;
     }
-    total_first = total_first + ((first[0] + first[1]) + (first[2] + first[3]));
-    total_second = total_second + ((second[0] + second[1]) + (second[2] + second[3]));
+    sums.first += static_cast<double>(((first[0] + first[1]) + (first[2] + first[3])).sum());
+    sums.second += static_cast<double>(((second[0] + second[1]) + (second[2] + second[3])).sum());
   }
-  Sums2<acc> sums{total_first.sum(), total_second.sum()};
   for (int64_t j = n_vec; j < n; ++j) {
     const Sums2<Scalar<acc>> t = terms(Scalar<acc>{}, j);
-    sums.first += t.first.v;
-    sums.second += t.second.v;
+    sums.first += static_cast<double>(t.first.v);
+    sums.second += static_cast<double>(t.second.v);
   }
   return sums;
 }

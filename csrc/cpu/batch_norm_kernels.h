@@ -16,7 +16,8 @@
 // batch_norm_forward / batch_norm_backward, which call the kernels compiled
 // for the SIMD level in use (simd_level.h). The kernels themselves, and how
 // they split work, keep their bits whatever the thread count and move
-// memory, are in batch_norm_kernels_impl.h.
+// memory, are in batch_norm_kernels_impl.h and its layout files
+// (batch_norm_plane_layout_impl.h, batch_norm_row_layout_impl.h).
 #pragma once
 
 #include "../op_arguments.h"

@@ -2,46 +2,34 @@
 // Vec<acc> SIMD type with the loop helpers of simd_kernel_helpers.h. Each
 // kernels_<isa>.cpp includes this file inside its own namespace, after its
 // Vec and the helpers, under its target pragma, so that every instruction set
-// gets its own copy of the code with its own symbol names. No include guard
-// and no #include here: everything is included by the .cpp before its pragma.
+// gets its own copy of the code with its own symbol names. This file includes
+// the two layouts' files (batch_norm_plane_layout_impl.h,
+// batch_norm_row_layout_impl.h) and nothing else; none has an include guard.
 //
-// Vectorization: plane reductions run lanes along a plane, the channel's
-// coefficients broadcast, sums in four accumulators per series
-// (chunked_sums); plane elementwise passes run aligned Vecs along the
-// tensor, across planes (write_plane_range). Row loops run one lane per
-// channel: rows of fewer than 64 channels are taken several at a time (see
-// row_fold) so that the lanes fill, and the per-channel sums of a strip of
-// kStripVectors vectors stay in registers down the rows of a statistics
-// block (column_sums).
-//
-// Determinism: a channel's statistics are merged from per-block partials.
-// The blocks are cut from the shape alone, each block is reduced in a fixed
-// order by the one task that owns it (taking one sweep or two from its own
-// data, see MomentsSweep), and the partials are merged in block order (after
-// the parallel region, or by the task that owns the channel): no atomics,
-// the same bits for any thread count, whichever task split the thread count
-// picks. Elementwise passes split the tensor into contiguous
-// element ranges, or into channels; an element's value does not depend on
-// which task, or which of Vec and Scalar, computes it.
-// All work goes through at::parallel_for (torch's OpenMP pool, so
-// torch.set_num_threads applies), with grains that keep small inputs inline.
-//
-// Memory traffic: the training forward sweeps the input twice (statistics,
-// then normalize) and writes it once; the backward sweeps x and dy twice
-// (per-channel sums, then dx; the eval dx reads dy only). In the plane layout
-// with at least one channel per thread, a task owns whole channels and runs
-// both sweeps of a group of adjacent channels back to back, so the second one
-// reads it from cache and memory sees one read (reduce_and_apply_per_channel);
-// a group's planes of one sample are adjacent, so the first sweep reads long
-// stretches of memory in address order even when planes are short. A block's
-// variance, over about kStatBlock elements, comes from one sweep when that is
-// exact enough, else from a second sweep of squared deviations from the mean,
-// which reads the block from L1/L2 (MomentsSweep): a channel with mean 1e4
-// and unit variance keeps full precision, unlike E[x^2] - E[x]^2, for the
-// memory cost of one pass; blocks are merged with Chan et al.'s pairwise
-// formula. Sums are taken of x minus a value of the block, so a large mean
-// does not cost the mean its precision either. Outputs of kStreamBytes or
-// more are written with non-temporal stores (simd_kernel_helpers.h).
+// Design:
+// - Two layouts (batch_norm_kernels.h). Planes (NCHW: a channel's values
+//   contiguous): lanes run along a plane with the channel's coefficients
+//   broadcast. Rows (channels-last, 2-D): one lane per channel, narrow rows
+//   folded several at a time so that the lanes fill. Memory is read in
+//   address order either way; a channel is never gathered with a stride.
+// - Same bits for any thread count: a channel's statistics are merged from
+//   per-block partials, the blocks cut from the shape alone, each reduced in
+//   a fixed order by the one task that owns it, merged in block order (no
+//   atomics). An element of an elementwise pass gets the same operations
+//   whichever task, Vec or Scalar path writes it.
+// - Memory traffic: the training forward reads the input twice (statistics,
+//   normalize) and writes it once; the backward reads x and dy twice (sums,
+//   then dx; eval reads dy once). In the plane layout with a channel per
+//   thread or more, a task runs both sweeps of a group of channels back to
+//   back, so the second reads from cache. Outputs of kStreamBytes or more are
+//   written with non-temporal stores.
+// - Precision: sums are of x - shift, shift an estimate of the block's mean,
+//   so that a large mean costs no precision; a block's variance comes from
+//   that one sweep when it is exact enough, else from a second sweep of
+//   squared deviations from the mean, which reads the block from L1/L2
+//   (MomentsSweep); blocks merge with Chan et al.'s formula, in double.
+// - Threads: everything goes through at::parallel_for (torch's pool, so
+//   torch.set_num_threads applies), with grains that keep small inputs inline.
 
 namespace {
 
@@ -50,12 +38,6 @@ namespace {
 constexpr int64_t kStatBlock = 1 << 13;
 // Smallest piece of work (in elements) worth handing to a thread.
 constexpr int64_t kParallelGrain = 1 << 15;
-// Bounds on the per-block partials of the row layout (two per channel each).
-constexpr int64_t kMaxRowBlocks = 64;
-constexpr int64_t kMaxPartialBytes = int64_t{32} << 20;
-// Vectors of a row whose sums column_sums keeps in registers at a time: two
-// series of four accumulators, and their operands, fit AVX2's 16 registers.
-constexpr int64_t kStripVectors = 4;
 
 // Two statistics per channel, each a vector over the channels; what they are
 // depends on the reduction (mean and m2, or sum(dy) and sum(dy * (x - mean))).
@@ -111,429 +93,12 @@ struct SumsMerge {
   }
 };
 
-// Writes out[j] = value(tag, j) for j in [0, length) (a folded row of the
-// row layout), a Vec at a time. The ragged end of a run of at least a Vec is
-// written by a Vec that overlaps its neighbour (an element's value does not
-// depend on which Vec computes it, so the overlap stores the same bits
-// twice): one store where Scalar would take up to kLanes - 1. Shorter runs go
-// through Scalar. With `stream`, the Vec stores from the first
-// kStreamAlignment boundary on are non-temporal, so that every streamed Vec
-// is aligned.
-template <typename acc, typename T, typename Value>
-inline void write_elements(T* out, int64_t length, bool stream, const Value& value) {
-  using V = Vec<acc>;
-  constexpr int64_t L = V::kLanes;
-  if (length < L) {
-    for (int64_t j = 0; j < length; ++j) value(Scalar<acc>{}, j).store(out + j);
-    return;
-  }
-  int64_t j = 0;
-  if (stream) {
-    // Elements before the first aligned one (up to 64 bytes' worth, which
-    // may be more than a Vec).
-    const auto misalignment = reinterpret_cast<std::uintptr_t>(out) % kStreamAlignment;
-    const int64_t head =
-        misalignment == 0 ? 0 : (kStreamAlignment - misalignment) / static_cast<int64_t>(sizeof(T));
-    if (head + L <= length) {
-      for (; j < head; j += L) value(V{}, j).store(out + j);
-      for (j = head; j + L <= length; j += L) value(V{}, j).stream(out + j);
-    }
-  }
-  for (; j + L <= length; j += L) value(V{}, j).store(out + j);
-  if (j < length) value(V{}, length - L).store(out + length - L);
-}
+} // namespace
 
-// Calls run(c, offset, length) for each stretch of contiguous elements of
-// channels [c0, c1) among their positions [begin, end) (position = o * inner
-// + i) in the plane layout, in address order: the stretches of one sample's
-// planes, one channel after the other, then those of the next sample. Each
-// channel's stretches come in position order.
-template <typename Run>
-inline void for_each_group_run(
-    const ChannelLayout& layout, int64_t c0, int64_t c1, int64_t begin, int64_t end,
-    const Run& run) {
-  int64_t o = begin / layout.inner;
-  int64_t i = begin % layout.inner;
-  while (begin < end) {
-    const int64_t length = std::min(layout.inner - i, end - begin);
-    for (int64_t c = c0; c < c1; ++c) run(c, (o * layout.channels + c) * layout.inner + i, length);
-    begin += length;
-    ++o;
-    i = 0;
-  }
-}
+#include "batch_norm_plane_layout_impl.h"
+#include "batch_norm_row_layout_impl.h"
 
-// Per-channel coefficients of a plane-layout elementwise pass: K arrays of
-// `channels` values each (the mean, scale, ... of each channel).
-template <typename acc, size_t K>
-using ChannelCoefficients = std::array<const acc*, K>;
-
-// Writes out[e] = value(tag, e, coefficients) for the elements e in [begin,
-// end) of the plane layout, which may span many planes: `coefficients` holds
-// decltype(tag)'s K coefficients of the channels of elements e.. (channel
-// (e / inner) % channels). The range is swept as one stretch of Vecs aligned
-// on the output's address, not plane by plane: a short plane (14 x 14 = 196
-// floats, 784 bytes) leaves most planes off a 64-byte boundary, where every
-// per-plane 64-byte load and store would straddle two cache lines, and
-// non-temporal stores would fill lines partly, one plane at a time. A Vec
-// inside one plane broadcasts its channel's coefficients; a Vec that runs
-// into the next plane computes both channels' values and keeps each lane's
-// own (select_first), once a plane; with planes shorter than a Vec, every Vec
-// gathers its lanes' coefficients one by one. The elements before the first
-// aligned Vec and after the last full one go through Scalar. Every path
-// computes an element with the same operations, so its bits do not depend on
-// which one wrote it.
-template <typename acc, typename T, size_t K, typename Value>
-void write_plane_range(
-    T* out, int64_t begin, int64_t end, const ChannelLayout& layout,
-    const ChannelCoefficients<acc, K>& coefficients, bool stream, const Value& value) {
-  using V = Vec<acc>;
-  constexpr int64_t L = V::kLanes;
-  const int64_t inner = layout.inner, channels = layout.channels;
-  auto scalar_at = [&](int64_t e) {
-    const int64_t c = (e / inner) % channels;
-    std::array<Scalar<acc>, K> k;
-    for (size_t i = 0; i < K; ++i) k[i] = Scalar<acc>{coefficients[i][c]};
-    value(Scalar<acc>{}, e, k).store(out + e);
-  };
-  const auto misalignment = reinterpret_cast<std::uintptr_t>(out + begin) % kStreamAlignment;
-  const int64_t head = std::min(
-      end - begin,
-      misalignment == 0 ? int64_t{0}
-                        : static_cast<int64_t>((kStreamAlignment - misalignment) / sizeof(T)));
-  int64_t e = begin;
-  for (; e < begin + head; ++e) scalar_at(e);
-  // The coefficients of the channel of plane p, as Vecs.
-  auto broadcast_channel = [&](int64_t p) {
-    const int64_t c = p % channels;
-    std::array<V, K> k;
-    for (size_t i = 0; i < K; ++i) k[i] = V::broadcast(coefficients[i][c]);
-    return k;
-  };
-  // One loop per store kind, the flag out of the loop body.
-  auto sweep = [&](auto streamed) {
-    auto write = [&](int64_t at, const V& y) {
-      if constexpr (decltype(streamed)::value) {
-        y.stream(out + at);
-      } else {
-        y.store(out + at);
-      }
-    };
-    int64_t plane = e / inner;
-    while (e + L <= end) {
-      const int64_t plane_end = (plane + 1) * inner;
-      // The Vecs inside this plane: its coefficients fresh locals, which the
-      // compiler keeps in registers across the stores.
-      const std::array<V, K> k = broadcast_channel(plane);
-      const int64_t inside_end = std::min(end, plane_end);
-      for (; e + L <= inside_end; e += L) write(e, value(V{}, e, k));
-      if (e + L > end) return;
-      if (e == plane_end) {  // the plane ended on a Vec boundary
-        ++plane;
-        continue;
-      }
-      // Across planes. Into the next one only: both channels' values, blended.
-      if (e + L <= plane_end + inner) {
-        ++plane;
-        write(e, select_first(plane_end - e, value(V{}, e, k),
-                              value(V{}, e, broadcast_channel(plane))));
-        e += L;
-        continue;
-      }
-      // Planes shorter than a Vec: each lane takes its own channel's values.
-      alignas(64) acc lanes[K][L];
-      int64_t c = plane % channels;
-      int64_t lane_plane_end = plane_end;
-      for (int64_t l = 0; l < L; ++l) {
-        for (; e + l >= lane_plane_end; lane_plane_end += inner) c = c + 1 == channels ? 0 : c + 1;
-        for (size_t i = 0; i < K; ++i) lanes[i][l] = coefficients[i][c];
-      }
-      std::array<V, K> lane_k;
-      for (size_t i = 0; i < K; ++i) lane_k[i] = V::load(lanes[i]);
-      write(e, value(V{}, e, lane_k));
-      e += L;
-      plane = e / inner;
-    }
-  };
-  if (stream) {
-    sweep(std::true_type{});
-  } else {
-    sweep(std::false_type{});
-  }
-  for (; e < end; ++e) scalar_at(e);
-}
-
-// Most channels a plane-layout task sweeps together (see channel_groups).
-constexpr int64_t kMaxGroupChannels = 64;
-// A channel group's planes of one sample make a stretch of about this many
-// bytes at least: every stretch starts with the hardware prefetchers
-// catching up, a wait on memory...
-constexpr int64_t kGroupStretchBytes = int64_t{32} << 10;
-// ...and the group's data, swept a second time right after the first, stays
-// within about this many bytes (an L2), unless one channel is already more.
-constexpr int64_t kGroupCacheBytes = int64_t{1} << 20;
-
-// Plane layout: the statistics of channels [c0, c1) from their blocks of
-// kStatBlock positions, block_stats(c0, c1, begin, end, stats) giving the
-// pair of each channel's block [begin, end), merged in block order into
-// totals (one pair per channel of the group). Every plane-layout reduction
-// ends here, whichever task computed the blocks and however many channels it
-// swept at once, so the bits depend on the shape alone. The totals are
-// merged in double and rounded to acc once: a channel of 10^6 values merges
-// 123 blocks, and each merge in float32 would round the running pair again.
-template <typename Merge, typename acc, typename BlockStats>
-void merge_channel_blocks(
-    int64_t positions, int64_t c0, int64_t c1, const BlockStats& block_stats,
-    std::array<acc, 2>* totals) {
-  std::array<std::array<acc, 2>, kMaxGroupChannels> block;
-  std::array<std::array<double, 2>, kMaxGroupChannels> merged;
-  std::fill(merged.begin(), merged.begin() + (c1 - c0), std::array<double, 2>{0, 0});
-  for (int64_t begin = 0; begin < positions; begin += kStatBlock) {
-    const int64_t end = std::min(positions, begin + kStatBlock);
-    block_stats(c0, c1, begin, end, block.data());
-    for (int64_t k = 0; k < c1 - c0; ++k) {
-      const std::array<double, 2> other{block[k][0], block[k][1]};
-      Merge::merge(&merged[k][0], &merged[k][1], begin, &other[0], &other[1], end - begin,
-                   int64_t{1});
-    }
-  }
-  for (int64_t k = 0; k < c1 - c0; ++k) {
-    totals[k] = {static_cast<acc>(merged[k][0]), static_cast<acc>(merged[k][1])};
-  }
-}
-
-// How many groups of adjacent channels plane-layout tasks sweep, each at
-// once: groups of enough channels that one sample's planes of a group are a
-// long stretch of memory (a short plane alone would start every stretch with
-// a wait on memory, the next one being C planes away), and of few enough
-// that a group's `streams` tensors stay in cache for the second sweep; as
-// many groups as a multiple of the thread count, so that every thread gets
-// the same number of channels (give or take one a group).
-template <typename T>
-int64_t channel_groups(const ChannelLayout& layout, int64_t streams) {
-  const int64_t plane_bytes = std::max<int64_t>(1, layout.inner * static_cast<int64_t>(sizeof(T)));
-  const int64_t channel_bytes = layout.outer * plane_bytes * streams;
-  const int64_t most_channels = std::max<int64_t>(
-      1, std::min<int64_t>(
-             {(kGroupStretchBytes + plane_bytes - 1) / plane_bytes,
-              kGroupCacheBytes / std::max<int64_t>(channel_bytes, 1), kMaxGroupChannels}));
-  const int64_t threads = at::get_num_threads();
-  const int64_t groups = (layout.channels + most_channels - 1) / most_channels;
-  return std::min(layout.channels, (groups + threads - 1) / threads * threads);
-}
-
-// Plane layout, many channels: a task owns whole groups of channels (group
-// g of `groups` is channels [C * g / groups, C * (g + 1) / groups), see
-// channel_groups), and reduces a group's blocks, sweeping them in address
-// order, and then runs its elementwise pass while the group is still in
-// cache (L2, or L3 for big channels), where a separate pass would read it
-// back from memory. finish_channel(c, first, second) receives each channel's
-// statistics, then apply_group(c0, c1) runs the pass of channels [c0, c1).
-template <typename Merge, typename acc, typename BlockStats, typename Finish, typename Apply>
-void reduce_and_apply_per_channel(
-    const ChannelLayout& layout,
-    int64_t groups,
-    const BlockStats& block_stats,
-    const Finish& finish_channel,
-    const Apply& apply_group) {
-  const int64_t positions = layout.outer * layout.inner;
-  const int64_t group_elements = std::max<int64_t>(1, layout.channels / groups * positions);
-  at::parallel_for(
-      0, groups, std::max<int64_t>(1, kParallelGrain / group_elements),
-      [&](int64_t group_begin, int64_t group_end) {
-        std::array<std::array<acc, 2>, kMaxGroupChannels> stats;
-        for (int64_t g = group_begin; g < group_end; ++g) {
-          const int64_t c0 = layout.channels * g / groups;
-          const int64_t c1 = layout.channels * (g + 1) / groups;
-          merge_channel_blocks<Merge, acc>(positions, c0, c1, block_stats, stats.data());
-          for (int64_t c = c0; c < c1; ++c) finish_channel(c, stats[c - c0][0], stats[c - c0][1]);
-          apply_group(c0, c1);
-        }
-        stream_fence();
-      });
-}
-
-// Plane layout, few channels: tasks own blocks of any channel, so that a
-// single channel still spreads over every thread.
-template <typename Merge, typename acc, typename BlockStats>
-ChannelPair<acc> reduce_planes(const ChannelLayout& layout, const BlockStats& block_stats) {
-  const int64_t channels = layout.channels;
-  const int64_t positions = layout.outer * layout.inner;
-  const int64_t blocks = (positions + kStatBlock - 1) / kStatBlock;
-  std::vector<std::array<acc, 2>> partials(channels * blocks);
-  at::parallel_for(
-      0, channels * blocks, std::max<int64_t>(1, kParallelGrain / kStatBlock),
-      [&](int64_t task_begin, int64_t task_end) {
-        for (int64_t task = task_begin; task < task_end; ++task) {
-          const int64_t c = task / blocks;
-          const int64_t begin = (task % blocks) * kStatBlock;
-          const int64_t end = std::min(positions, begin + kStatBlock);
-          block_stats(c, c + 1, begin, end, &partials[task]);
-        }
-      });
-  ChannelPair<acc> totals{std::vector<acc>(channels), std::vector<acc>(channels)};
-  for (int64_t c = 0; c < channels; ++c) {
-    std::array<acc, 2> stats;
-    merge_channel_blocks<Merge, acc>(
-        positions, c, c + 1,
-        [&](int64_t, int64_t, int64_t begin, int64_t, std::array<acc, 2>* block) {
-          *block = partials[c * blocks + begin / kStatBlock];
-        },
-        &stats);
-    totals.first[c] = stats[0];
-    totals.second[c] = stats[1];
-  }
-  return totals;
-}
-
-// Row layout: rows narrower than kMinRowWidth are swept `fold` rows at a
-// time, as one wide row of fold * channels values, value j belonging to
-// channel j % channels, so that the SIMD loops have lanes to fill (a
-// channels-last image with C = 3 would otherwise run 3-iteration loops).
-constexpr int64_t kMinRowWidth = 64;
-
-inline int64_t row_fold(int64_t channels) {
-  return channels >= kMinRowWidth ? 1 : (kMinRowWidth + channels - 1) / channels;
-}
-
-// A per-channel array repeated to the width of a folded row; its first
-// `channels` entries are the per-channel values.
-template <typename acc>
-std::vector<acc> widen(const acc* per_channel, int64_t channels) {
-  const int64_t fold = row_fold(channels);
-  std::vector<acc> wide(fold * channels);
-  for (int64_t k = 0; k < fold; ++k) {
-    std::copy(per_channel, per_channel + channels, wide.begin() + k * channels);
-  }
-  return wide;
-}
-
-// One strip of column_sums: kVectors vectors of positions from j0, their
-// sums in registers while the rows go by.
-template <typename acc, int64_t kVectors, typename Terms, typename Finish>
-inline void strip_sums(int64_t rows, int64_t j0, const Terms& terms, const Finish& finish) {
-  using V = Vec<acc>;
-  constexpr int64_t L = V::kLanes;
-  V first[kVectors], second[kVectors];
-  for (int64_t k = 0; k < kVectors; ++k) first[k] = second[k] = V::broadcast(0);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t k = 0; k < kVectors; ++k) {
-      const Sums2<V> t = terms(V{}, r, j0 + k * L);
-      first[k] = first[k] + t.first;
-      second[k] = second[k] + t.second;
-    }
-  }
-  for (int64_t k = 0; k < kVectors; ++k) finish(V{}, j0 + k * L, Sums2<V>{first[k], second[k]});
-}
-
-// Sums two series down the columns of `rows` rows of `width` values:
-// terms(tag, r, j) gives both series' terms of row r at positions j.. (a
-// Sums2 of decltype(tag), Vec<acc> or Scalar<acc>), summed over the rows in
-// row order, and finish(tag, j, sums) receives the sums of positions j...
-// Strips of kStripVectors vectors keep their sums in registers (a sum in
-// memory would be loaded and stored back for every row); the positions past
-// the last full vector are summed one at a time.
-template <typename acc, typename Terms, typename Finish>
-void column_sums(int64_t rows, int64_t width, const Terms& terms, const Finish& finish) {
-  constexpr int64_t L = Vec<acc>::kLanes;
-  const int64_t vectors = width / L;
-  int64_t v = 0;
-  for (; v + kStripVectors <= vectors; v += kStripVectors) {
-    strip_sums<acc, kStripVectors>(rows, v * L, terms, finish);
-  }
-  static_assert(kStripVectors <= 4, "the switch below covers the strips left over");
-  switch (vectors - v) {
-    case 3:
-      strip_sums<acc, 3>(rows, v * L, terms, finish);
-      break;
-    case 2:
-      strip_sums<acc, 2>(rows, v * L, terms, finish);
-      break;
-    case 1:
-      strip_sums<acc, 1>(rows, v * L, terms, finish);
-      break;
-    default:
-      break;
-  }
-  for (int64_t j = vectors * L; j < width; ++j) {
-    Sums2<Scalar<acc>> sums{{acc(0)}, {acc(0)}};
-    for (int64_t r = 0; r < rows; ++r) {
-      const Sums2<Scalar<acc>> t = terms(Scalar<acc>{}, r, j);
-      sums.first = sums.first + t.first;
-      sums.second = sums.second + t.second;
-    }
-    finish(Scalar<acc>{}, j, sums);
-  }
-}
-
-// Per-channel reduction in the row layout, on folded rows of `width` values:
-// the rows are cut into a shape-determined number of blocks, a task owns
-// whole blocks and sweeps a block in sub-blocks of about kStatBlock elements.
-// sub_block_stats(offset, rows, width, first, second) writes the pair of
-// statistics of `rows` rows of `width` values from element `offset`, per
-// value position, which is merged into the block's. The positions of a
-// folded row are then merged into their channels, and the rows left over by
-// the folding (fewer than `fold`) come last.
-template <typename Merge, typename acc, typename SubBlockStats>
-ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& sub_block_stats) {
-  const int64_t channels = layout.channels;
-  const int64_t fold = row_fold(channels);
-  const int64_t width = fold * channels;
-  const int64_t rows = layout.outer / fold;
-  const int64_t sub_rows = std::max<int64_t>(1, kStatBlock / width);
-  // As many blocks as threads could use (a block a task, and no block of
-  // less than kParallelGrain elements), within the bounds: every block costs
-  // a merge of `width` values.
-  const int64_t blocks = std::min<int64_t>(
-      {(rows + sub_rows - 1) / sub_rows, kMaxRowBlocks,
-       std::max<int64_t>(1, rows * width / kParallelGrain),
-       std::max<int64_t>(1, kMaxPartialBytes / (2 * width * static_cast<int64_t>(sizeof(acc))))});
-  // Block b's statistics: first at [2 * b * width, (2 * b + 1) * width), then
-  // second; written by the block's first merge.
-  std::unique_ptr<acc[]> partials(new acc[2 * blocks * width]);
-  auto block_rows = [&](int64_t block) {
-    return std::make_pair(rows * block / blocks, rows * (block + 1) / blocks);
-  };
-  const int64_t block_elements = blocks > 0 ? rows / blocks * width : 1;
-  at::parallel_for(
-      0, blocks, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(block_elements, 1)),
-      [&](int64_t block_begin, int64_t block_end) {
-        std::vector<acc> scratch(2 * width);
-        for (int64_t block = block_begin; block < block_end; ++block) {
-          acc* first = partials.get() + 2 * block * width;
-          const auto [row_begin, row_end] = block_rows(block);
-          for (int64_t row = row_begin; row < row_end; row += sub_rows) {
-            const int64_t count = std::min(row_end - row, sub_rows);
-            sub_block_stats(row * width, count, width, scratch.data(), scratch.data() + width);
-            Merge::merge(
-                first, first + width, row - row_begin, scratch.data(), scratch.data() + width,
-                count, width);
-          }
-        }
-      });
-  std::vector<acc> wide(2 * width, acc(0));
-  for (int64_t block = 0; block < blocks; ++block) {
-    const acc* first = partials.get() + 2 * block * width;
-    const auto [row_begin, row_end] = block_rows(block);
-    Merge::merge(
-        wide.data(), wide.data() + width, row_begin, first, first + width, row_end - row_begin,
-        width);
-  }
-  ChannelPair<acc> totals{std::vector<acc>(channels, acc(0)), std::vector<acc>(channels, acc(0))};
-  for (int64_t k = 0; k < fold; ++k) {
-    Merge::merge(
-        totals.first.data(), totals.second.data(), k * rows, wide.data() + k * channels,
-        wide.data() + width + k * channels, rows, channels);
-  }
-  const int64_t leftover = layout.outer - rows * fold;
-  if (leftover > 0) {
-    sub_block_stats(rows * width, leftover, channels, wide.data(), wide.data() + channels);
-    Merge::merge(
-        totals.first.data(), totals.second.data(), rows * fold, wide.data(),
-        wide.data() + channels, leftover, channels);
-  }
-  return totals;
-}
+namespace {
 
 // Runs an elementwise pass over the whole tensor in parallel, threads owning
 // contiguous element ranges. Row layout: row(offset, width) per folded row of
@@ -564,17 +129,6 @@ void parallel_elementwise(
         plane_range(begin, end);
         stream_fence();
       });
-}
-
-// Calls plane_range(begin, end) for the planes of channels [c0, c1) of each
-// sample (adjacent in memory), in address order.
-template <typename PlaneRange>
-void for_each_plane_of_group(
-    const ChannelLayout& layout, int64_t c0, int64_t c1, const PlaneRange& plane_range) {
-  for (int64_t o = 0; o < layout.outer; ++o) {
-    const int64_t sample = o * layout.channels;
-    plane_range((sample + c0) * layout.inner, (sample + c1) * layout.inner);
-  }
 }
 
 // Statistics of the training forward: per-channel mean and m2 (sum of squared

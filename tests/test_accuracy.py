@@ -35,6 +35,8 @@ CPU_CASES = [
     (Case("batch_norm_train", (4, 2, 500, 500)), "offset", ("rstd", "running_var")),
     # Tall and thin: the weight gradient's column sums over many rows.
     (Case("rms_norm", (4096, 3)), "offset", ("grad_weight",)),
+    (Case("rms_norm", (4096, 3)), "centred", ("grad_weight",)),
+    (Case("rms_norm", (65536, 5)), "centred", ("grad_weight",)),
 ]
 
 

@@ -17,7 +17,6 @@
 #include "simd_targets.h"
 
 #include <algorithm>
-#include <cmath>
 #include <cstdint>
 
 namespace layernorm_ext::cpu {
@@ -25,7 +24,7 @@ namespace layernorm_ext::cpu {
 // Smallest piece of work (in elements) worth handing to a thread.
 constexpr int64_t kGrainElements = 1 << 15;
 // Bounds on the partial rows of the weight/bias gradients.
-constexpr int64_t kMaxGradBlocks = 64;
+constexpr int64_t kMaxGradBlocks = 1024;
 constexpr int64_t kMaxGradPartialBytes = int64_t{32} << 20;
 
 inline int64_t grain_rows(int64_t cols) {
@@ -41,13 +40,15 @@ inline int64_t grad_tasks(int64_t rows, int64_t cols) {
 // the shape alone (never of the thread count), so the summation order is fixed.
 // A column's gradient is a chain of rounded adds, one per row group of
 // kRowGroup (row_norm_kernels_impl.h), within a block; the blocks are added
-// in double. About sqrt(rows) blocks (within the bounds) keep the chain near
-// sqrt(rows) / kRowGroup adds (one block of 4096 rows would chain 1024), also
-// where the work alone would take one task (grad_tasks; a task then takes
-// several blocks).
+// in double. Blocks of kGradChainRows rows (within the bounds) keep that
+// chain at 4 adds, which the float64 sum of the blocks does not lengthen;
+// where the work alone would take one task (grad_tasks), a task takes several
+// blocks.
+constexpr int64_t kGradChainRows = 16;
+
 inline int64_t grad_blocks(int64_t rows, int64_t cols, int64_t acc_bytes_per_col) {
   if (rows == 0) return 0;
-  const auto by_accuracy = static_cast<int64_t>(std::sqrt(static_cast<double>(rows)));
+  const int64_t by_accuracy = (rows + kGradChainRows - 1) / kGradChainRows;
   const int64_t by_memory =
       std::max<int64_t>(1, kMaxGradPartialBytes / std::max<int64_t>(1, cols * acc_bytes_per_col));
   return std::min({rows, std::max(grad_tasks(rows, cols), by_accuracy), by_memory, kMaxGradBlocks});

@@ -276,18 +276,27 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
   });
 
   if (partial_rows == 0) return;
-  // Add the block partials column by column, in block order, in double: the
-  // chain of rounded adds is then the one within a block (see grad_blocks).
-  at::parallel_for(0, cols, grain_rows(blocks), [&](int64_t col_begin, int64_t col_end) {
-    for (int64_t j = col_begin; j < col_end; ++j) {
-      double dweight = 0, dbias = 0;
-      for (int64_t block = 0; block < blocks; ++block) {
-        const acc* partial = args.partials + block * partial_rows * cols + j;
-        if (args.grad_weight) dweight += partial[0];
-        if (args.grad_bias) dbias += partial[args.grad_weight ? cols : 0];
+  // Add the block partials in block order, in double, rounded once. A task
+  // takes a chunk of kSumCols columns and runs over the blocks' rows of it
+  // (contiguous loads, which the compiler vectorizes), so the order of the
+  // adds is the same whatever the thread count.
+  constexpr int64_t kSumCols = 256;
+  const int64_t col_chunks = (cols + kSumCols - 1) / kSumCols;
+  at::parallel_for(0, col_chunks, grain_rows(blocks * kSumCols), [&](int64_t chunk_begin,
+                                                                    int64_t chunk_end) {
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      const int64_t col_begin = chunk * kSumCols;
+      const int64_t width = std::min(kSumCols, cols - col_begin);
+      for (int64_t row = 0; row < partial_rows; ++row) {
+        std::array<double, kSumCols> total{};
+        for (int64_t block = 0; block < blocks; ++block) {
+          const acc* partial = args.partials + (block * partial_rows + row) * cols + col_begin;
+          for (int64_t j = 0; j < width; ++j) total[j] += partial[j];
+        }
+        // Layout as above: the grad_weight partial row first when asked for.
+        acc* grad = row == 0 && args.grad_weight ? args.grad_weight : args.grad_bias;
+        for (int64_t j = 0; j < width; ++j) grad[col_begin + j] = static_cast<acc>(total[j]);
       }
-      if (args.grad_weight) args.grad_weight[j] = static_cast<acc>(dweight);
-      if (args.grad_bias) args.grad_bias[j] = static_cast<acc>(dbias);
     }
   });
 }

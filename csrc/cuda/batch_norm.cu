@@ -218,7 +218,7 @@ __global__ void __launch_bounds__(kFinalizeThreads) training_stats_finalize_kern
     Coeffs<acc>* __restrict__ coeffs,
     int64_t channels,
     acc momentum,
-    acc eps) {
+    double eps) {
   for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < channels;
        c += int64_t{gridDim.x} * blockDim.x) {
     Welford<acc> s{0, 0, 0};
@@ -229,9 +229,11 @@ __global__ void __launch_bounds__(kFinalizeThreads) training_stats_finalize_kern
     const acc count = static_cast<acc>(s.count);
     // The partials are of deviations from the channel's first value
     // (StatsReducer), which an empty batch does not have.
-    const acc mean = s.count > 0 ? to_acc(input[c * channel_stride]) + s.mean : acc(0);
+    const acc mean = s.count > 0
+        ? static_cast<acc>(static_cast<double>(to_acc(input[c * channel_stride])) + s.mean)
+        : acc(0);
     const acc var = s.count > 0 ? s.m2 / count : acc(0);
-    const acc rstd = acc(1) / sqrt(var + eps);
+    const acc rstd = inverse_std(var, eps);
     save_mean[c] = mean;
     save_rstd[c] = rstd;
     if (running_mean) {
@@ -259,11 +261,11 @@ __global__ void __launch_bounds__(kFinalizeThreads) eval_stats_kernel(
     acc* __restrict__ save_rstd,
     Coeffs<acc>* __restrict__ coeffs,
     int64_t channels,
-    acc eps) {
+    double eps) {
   for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < channels;
        c += int64_t{gridDim.x} * blockDim.x) {
     const acc mean = running_mean[c];
-    const acc rstd = acc(1) / sqrt(running_var[c] + eps);
+    const acc rstd = inverse_std(running_var[c], eps);
     save_mean[c] = mean;
     save_rstd[c] = rstd;
     coeffs[c] = {mean, weight ? rstd * weight[c] : rstd, bias ? bias[c] : acc(0), acc(0)};
@@ -285,11 +287,13 @@ __global__ void __launch_bounds__(kFinalizeThreads) grad_finalize_kernel(
     acc inv_count) {
   for (int64_t c = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; c < channels;
        c += int64_t{gridDim.x} * blockDim.x) {
-    GradSums<acc> s{0, 0};
+    // The splits' partials (up to kMaxSplits) are added in double, rounded once.
+    GradSums<double> total{0, 0};
     for (int64_t k = 0; k < splits; ++k) {
-      s = {s.sum_dy + partials[c * splits + k].sum_dy,
-           s.sum_dy_xhat + partials[c * splits + k].sum_dy_xhat};
+      total.sum_dy += partials[c * splits + k].sum_dy;
+      total.sum_dy_xhat += partials[c * splits + k].sum_dy_xhat;
     }
+    const GradSums<acc> s{static_cast<acc>(total.sum_dy), static_cast<acc>(total.sum_dy_xhat)};
     if (grad_weight) grad_weight[c] = s.sum_dy_xhat;
     if (grad_bias) grad_bias[c] = s.sum_dy;
     const acc rstd = save_rstd[c];
@@ -401,7 +405,7 @@ cudaError_t batch_norm_forward_training_cuda(
       training_stats_finalize_kernel<T>, finalize_blocks(layout.channels), kFinalizeThreads, 0,
       stream, input, channel_stride, partials, splits, weight, bias, running_mean, running_var,
       save_mean, save_rstd, new_running_mean, new_running_var, coeffs, layout.channels,
-      static_cast<acc>(momentum), static_cast<acc>(eps));
+      static_cast<acc>(momentum), eps);
   if (err != cudaSuccess) return err;
   return launch_apply<false>(input, static_cast<const T*>(nullptr), coeffs, output, layout, stream);
 }
@@ -416,8 +420,7 @@ cudaError_t batch_norm_forward_eval_cuda(
   auto* coeffs = workspace_coeffs<T>(workspace);
   const cudaError_t err = launch(
       eval_stats_kernel<acc>, finalize_blocks(layout.channels), kFinalizeThreads, 0, stream,
-      weight, bias, running_mean, running_var, save_mean, save_rstd, coeffs, layout.channels,
-      static_cast<acc>(eps));
+      weight, bias, running_mean, running_var, save_mean, save_rstd, coeffs, layout.channels, eps);
   if (err != cudaSuccess) return err;
   return launch_apply<false>(input, static_cast<const T*>(nullptr), coeffs, output, layout, stream);
 }

@@ -212,7 +212,9 @@ __global__ void __launch_bounds__(kTileCols * kTileRows) row_norm_param_grad_par
   }
 }
 
-// One thread a column: adds the chunk partials in chunk order.
+// One thread a column: adds the chunk partials in chunk order, in double (up
+// to kMaxChunks of them: a float32 chain of that many adds would round at
+// the total's magnitude each time).
 template <typename W, typename acc>
 __global__ void row_norm_param_grad_finish_kernel(
     const acc* __restrict__ grad_weight_partial,
@@ -223,13 +225,13 @@ __global__ void row_norm_param_grad_finish_kernel(
     int64_t cols) {
   for (int64_t col = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; col < cols;
        col += int64_t{gridDim.x} * blockDim.x) {
-    acc dweight = 0, dbias = 0;
+    double dweight = 0, dbias = 0;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       if (grad_weight) dweight += grad_weight_partial[chunk * cols + col];
       if (grad_bias) dbias += grad_bias_partial[chunk * cols + col];
     }
-    if (grad_weight) grad_weight[col] = from_acc<W>(dweight);
-    if (grad_bias) grad_bias[col] = from_acc<W>(dbias);
+    if (grad_weight) grad_weight[col] = from_acc<W>(static_cast<acc>(dweight));
+    if (grad_bias) grad_bias[col] = from_acc<W>(static_cast<acc>(dbias));
   }
 }
 

@@ -76,7 +76,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads) row_norm_forward_warp_kerne
     int64_t rows,
     int cols,
     int width,
-    acc_t<T> eps) {
+    double eps) {
   using acc = acc_t<T>;
   const int lane = threadIdx.x % kWarpSize;
   const int lane_in_row = lane % width;
@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kWarpBlockThreads) row_norm_forward_warp_kerne
     } else {
       var = group_sum(squares, width) / cols;
     }
-    const acc rs = acc(1) / sqrt(var + eps);
+    const acc rs = inverse_std(var, eps);
     if (valid && lane_in_row == 0) {
       if constexpr (kCenter) mean[row] = mu;
       rstd[row] = rs;
@@ -164,7 +164,7 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
     acc_t<T>* __restrict__ rstd,
     int64_t rows,
     int64_t cols,
-    acc_t<T> eps) {
+    double eps) {
   using acc = acc_t<T>;
   auto* cache = dynamic_shared_memory<Pack<T, kVec>>();
   __shared__ acc scratch[2 * kWarpSize];
@@ -243,7 +243,7 @@ __global__ void __launch_bounds__(1024) row_norm_forward_block_kernel(
       block_sum(squares, scratch);
       var = squares[0] / cols;
     }
-    const acc rs = acc(1) / sqrt(var + eps);
+    const acc rs = inverse_std(var, eps);
     if (threadIdx.x == 0) {
       if constexpr (kCenter) mean[row] = mu;
       rstd[row] = rs;
@@ -270,14 +270,13 @@ cudaError_t launch_forward(
     const T* input, const T* residual, T* sum_out, const W* weight, const W* bias, T* output,
     acc_t<T>* mean, acc_t<T>* rstd, int64_t rows, int64_t cols, double eps, cudaStream_t stream) {
   const auto p = plan(rows, cols, kVec, cols * static_cast<int64_t>(sizeof(T)));
-  const auto eps_acc = static_cast<acc_t<T>>(eps);
   if (p.warp_path) {
     return with_lane_packs(p.lane_packs, [&](auto packs) {
       constexpr int kPacks = kVec > 1 ? decltype(packs)::value : 1;
       return launch(
           row_norm_forward_warp_kernel<kCenter, kAddResidual, T, W, kVec, kPacks>, p.blocks,
           p.threads, 0, stream, input, residual, sum_out, weight, bias, output, mean, rstd, rows,
-          static_cast<int>(cols), p.width, eps_acc);
+          static_cast<int>(cols), p.width, eps);
     });
   }
   auto run = [&](auto kernel) {
@@ -285,7 +284,7 @@ cudaError_t launch_forward(
     if (err != cudaSuccess) return err;
     return launch(
         kernel, p.blocks, p.threads, p.cache_bytes, stream, input, residual, sum_out, weight,
-        bias, output, mean, rstd, rows, cols, eps_acc);
+        bias, output, mean, rstd, rows, cols, eps);
   };
   return p.cached
       ? run(row_norm_forward_block_kernel<kCenter, kAddResidual, T, W, kVec, true>)

@@ -13,9 +13,9 @@
 // that small inputs run inline without waking threads.
 //
 // Memory: each row is read from memory once and written once. The first
-// sweep loads it (and the residual), writes the fused sum, converts
-// half/bfloat16 to acc into a per-task buffer and sums it, all in one pass;
-// the normalize sweep then reads the row from L1/L2.
+// sweep loads it (and the residual), writes the fused sum and sums it, all
+// in one pass; the normalize sweep then reads the row (or the fused sum)
+// again from L1/L2, widening half/bfloat16 again on the way.
 //
 // LayerNorm's variance: the first sweep sums d = x - shift and d^2, shift
 // the mean of the row's first values (shift_estimate), and
@@ -64,23 +64,17 @@ inline bool stream_output(const T* output, int64_t rows, int64_t cols) {
 template <bool kCenter, typename T>
 void row_norm_forward(const RowNormForwardArgs<T>& args) {
   using acc = acc_t<T>;
-  constexpr bool kConvert = !std::is_same_v<T, acc>;
   const int64_t cols = args.cols;
   const bool stream = stream_output(args.output, args.rows, cols);
   at::parallel_for(0, args.rows, grain_rows(cols), [&](int64_t begin, int64_t end) {
-    std::vector<acc> buffer(kConvert ? cols : 0);
     for (int64_t r = begin; r < end; ++r) {
       const T* in = args.input + r * cols;
       const T* res = args.residual ? args.residual + r * cols : nullptr;
       T* sum_out = args.sum ? args.sum + r * cols : nullptr;
-      // The row in acc_t: the input itself, the fused sum just written, or
-      // the conversion buffer.
-      const acc* x;
-      if constexpr (kConvert) {
-        x = buffer.data();
-      } else {
-        x = res ? sum_out : in;
-      }
+      // The row as the later sweeps read it (from L1/L2): the input itself or
+      // the fused sum just written. Half and bfloat16 are widened again on
+      // each load, which costs less than storing and reloading an acc copy.
+      const T* x = res ? sum_out : in;
       // LayerNorm sums x - shift, not x: the terms stay of the row's spread,
       // so the mean stays exact when it is large against that spread. The
       // shift is taken from the row as the sweep will see it (the fused sum
@@ -102,7 +96,6 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
           (v + V::load(res + j)).store(sum_out + j);
           v = V::load(sum_out + j);
         }
-        if constexpr (kConvert) v.store(buffer.data() + j);
         if constexpr (kCenter) {
           const V d = v - V::broadcast(shift);
           return Sums2<V>{d, d * d};

@@ -273,10 +273,15 @@ def _row_norm_sampler(has_bias, residual):
 
 
 def _fused_add_reference(norm):
-    """torch's equivalent of a fused residual add + norm: ``(norm(x + r), x + r)``."""
+    """torch's equivalent of a fused residual add + norm: ``(norm(x + r), x + r)``.
+    On float64 upcasts, ``sum_dtype`` (the op's input dtype) rounds the sum as
+    torch's add in that dtype does before the norm; gradients pass through the
+    rounding unchanged."""
 
-    def reference(input, residual, *norm_args, **norm_kwargs):
+    def reference(input, residual, *norm_args, sum_dtype=None, **norm_kwargs):
         total = input + residual
+        if sum_dtype is not None:
+            total = total + (total.to(sum_dtype).to(total.dtype) - total).detach()
         return norm(total, *norm_args, **norm_kwargs), total
 
     return reference

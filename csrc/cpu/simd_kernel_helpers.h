@@ -107,7 +107,7 @@ inline void for_each_vector(int64_t n, const Body& body) {
 // Sums two series over j in [0, n): terms(tag, j) gives both series' terms
 // for the elements at j, as a Sums2 of decltype(tag) (Vec<acc> or
 // Scalar<acc>). Called once per element, in order, so terms may also store
-// (conversion buffers). Four accumulators per series hide the add latency.
+// (the row norms' fused residual sum). Four accumulators per series hide the add latency.
 // The sums come back in double (see kSumChunk): the caller's formulas take
 // them without a float32 rounding first.
 template <typename acc, typename Terms>

@@ -6,13 +6,16 @@ rank with no samples; a DDP training loop must match a single-process one; and
 without a group it must be torch's SyncBatchNorm / BatchNorm.
 
 Each spawned group runs many checks (process start-up costs seconds); a child
-that fails raises, the parent re-raises its traceback and kills the rest.
+that fails raises, the parent re-raises its traceback and kills the rest. The
+ranks meet through a FileStore in a fresh directory: no port to race for and
+no store server thread in rank 0 to outlive its peers, and every rank passes a
+barrier before any tears its group down.
 """
 
 import copy
 import datetime
 import inspect
-import socket
+import tempfile
 import time
 
 import pytest
@@ -29,23 +32,23 @@ TIMEOUT_S = 60
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
 
-def _free_port():
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _rank_main(rank, world_size, port, check):
-    torch.set_num_threads(1)
+def _init_group(store_dir, rank, world_size):
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=f"file://{store_dir}/store",
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=TIMEOUT_S),
     )
+
+
+def _rank_main(rank, world_size, store_dir, check):
+    torch.set_num_threads(1)
+    _init_group(store_dir, rank, world_size)
     try:
         check(rank, world_size)
+        # No rank destroys the group while a peer may still be using it.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -53,23 +56,24 @@ def _rank_main(rank, world_size, port, check):
 def _spawn(world_size, check):
     """Runs check(rank, world_size) in world_size gloo processes; raises what a
     child raised (with its traceback), or TimeoutError; never leaves a child."""
-    context = mp.start_processes(
-        _rank_main,
-        args=(world_size, _free_port(), check),
-        nprocs=world_size,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 2 * TIMEOUT_S
-    try:
-        while not context.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{world_size} ranks still running after {2 * TIMEOUT_S} s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
-            process.join()
+    with tempfile.TemporaryDirectory() as store_dir:
+        context = mp.start_processes(
+            _rank_main,
+            args=(world_size, store_dir, check),
+            nprocs=world_size,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + 2 * TIMEOUT_S
+        try:
+            while not context.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{world_size} ranks still running after {2 * TIMEOUT_S} s")
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join()
 
 
 # ---------------------------------------------------------------- references
@@ -382,14 +386,8 @@ def test_without_group_equals_torch_sync_batch_norm(shape, affine, track, moment
             torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
 
 
-def test_group_of_one_rank_is_local_batch_norm():
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{_free_port()}",
-        rank=0,
-        world_size=1,
-        timeout=datetime.timedelta(seconds=TIMEOUT_S),
-    )
+def test_group_of_one_rank_is_local_batch_norm(tmp_path):
+    _init_group(tmp_path, 0, 1)
     try:
         module = SyncBatchNorm(3, dtype=torch.float64)
         x = torch.randn(5, 3, 4, dtype=torch.float64)

@@ -33,6 +33,10 @@ CPU_CASES = [
     (Case("batch_norm_train", (32, 16, 14, 14)), "centred", ("rstd", "grad_weight")),
     (Case("batch_norm_train", (32, 16, 14, 14)), "offset", ("output", "rstd", "grad_weight")),
     (Case("batch_norm_train", (4, 2, 500, 500)), "offset", ("rstd", "running_var")),
+    # BatchNorm rows (2-D and channels-last): column sums over many rows.
+    (Case("batch_norm_train", (128, 64)), "centred", ("output", "rstd", "grad_input")),
+    (Case("batch_norm_train", (128, 64)), "offset", ("rstd", "grad_weight")),
+    (Case("batch_norm_eval", (8, 16, 28, 28), channels_last=True), "centred", ("grad_bias",)),
     # Tall and thin: the weight gradient's column sums over many rows.
     (Case("rms_norm", (4096, 3)), "offset", ("grad_weight",)),
     (Case("rms_norm", (4096, 3)), "centred", ("grad_weight",)),

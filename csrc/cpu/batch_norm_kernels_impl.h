@@ -133,12 +133,12 @@ void parallel_elementwise(
 
 // Statistics of the training forward: per-channel mean and m2 (sum of squared
 // deviations from the mean). A block's sum is taken of x - shift, shift being
-// an estimate of its mean (plane layout: shift_estimate of the block's first
-// values; row layout: the sub-block's first row), so that its rounding error
+// an estimate of its mean (shift_estimate of the block's first values; in the
+// row layout, of each position's first rows), so that its rounding error
 // scales with the channel's spread and not with its mean (a float32 sum of
-// 8192 values near 1e4 would lose the mean's last digits). m2 is the corrected
-// two-pass sum(d^2) - sum(d)^2 / n, d = x - mean: the second term takes out
-// the error the rounding of the mean leaves in the first.
+// 8192 values near 1e4 would lose the mean's last digits). m2 is the
+// corrected two-pass sum(d^2) - sum(d)^2 / n, d = x - mean: the second term
+// takes out the error the rounding of the mean leaves in the first.
 //
 // Each block first tries one sweep: the sums of d = x - shift and d^2 give
 // m2 = sum(d^2) - sum(d)^2 / n, which cancels by about (mean - shift)^2 / var
@@ -147,8 +147,9 @@ void parallel_elementwise(
 // the one sweep stands, else the block takes the second sweep. The choice
 // covers what the shape alone delimits, never what a task happens to sweep
 // at once: in the plane layout each channel's block on its own, in the row
-// layout a sub-block of rows with all its channels. The second sweep reads
-// the block from L1/L2, so the saving is in instructions, not in memory.
+// layout a block of rows with all its channels. A plane-layout block's second
+// sweep reads it from L1/L2, so the saving is in instructions, not in memory;
+// a row-layout block is larger, and its (rare) second sweep reads memory.
 template <typename T>
 struct MomentsSweep {
   using scalar = T;
@@ -157,39 +158,58 @@ struct MomentsSweep {
   const T* x;
   ChannelLayout layout;
 
-  void rows_sub_block(int64_t offset, int64_t rows, int64_t width, acc* mean, acc* m2) const {
+  // The (mean, m2) of each position of the `rows` rows of `width` values
+  // from element `offset` (a block of the row layout), in double.
+  void rows_block(int64_t offset, int64_t rows, int64_t width, double* mean, double* m2) const {
     const T* block = x + offset;
-    const acc inv_rows = acc(1) / static_cast<acc>(rows);
-    bool exact = true;
+    // Each position's shift: the mean of its first kShiftSamples rows, or
+    // of fewer in a block of fewer than 16 * kShiftSamples rows, so that the
+    // estimate costs at most a sixteenth of the sweep.
+    std::vector<acc> shift(width);
+    const int64_t samples = std::min(kShiftSamples, (rows + 15) / 16);
+    for_each_vector<acc>(width, [&](auto tag, int64_t j) {
+      using V = decltype(tag);
+      V total = V::broadcast(0);
+      for (int64_t r = 0; r < samples; ++r) total = total + V::load(block + r * width + j);
+      (total * V::broadcast(acc(1) / static_cast<acc>(samples))).store(shift.data() + j);
+    });
     column_sums<acc>(
         rows, width,
         [&](auto tag, int64_t r, int64_t j) {
           using V = decltype(tag);
-          const V d = V::load(block + r * width + j) - V::load(block + j);
+          const V d = V::load(block + r * width + j) - V::load(shift.data() + j);
           return Sums2<V>{d, d * d};
         },
-        [&](auto tag, int64_t j, const auto& shifted_sums) {
-          using V = decltype(tag);
-          const V offset_from_shift = shifted_sums.first * V::broadcast(inv_rows);
-          const V sub_block_m2 = shifted_sums.second - shifted_sums.first * offset_from_shift;
-          (V::load(block + j) + offset_from_shift).store(mean + j);
-          sub_block_m2.store(m2 + j);
-          const V sub_block_var = sub_block_m2 * V::broadcast(inv_rows);
-          exact = exact && one_sweep_exact(offset_from_shift, sub_block_var);
-        });
+        mean, m2);
+    // From the shifted sums (in mean and m2) to the mean and m2.
+    const double inv_rows = 1 / static_cast<double>(rows);
+    bool exact = true;
+    for_each_vector<double>(width, [&](auto tag, int64_t j) {
+      using V = decltype(tag);
+      const V shifted_sum = V::load(mean + j);
+      const V offset_from_shift = shifted_sum * V::broadcast(inv_rows);
+      const V block_m2 = V::load(m2 + j) - shifted_sum * offset_from_shift;
+      offset_from_shift.store(mean + j);
+      block_m2.store(m2 + j);
+      exact = one_sweep_exact(offset_from_shift, block_m2 * V::broadcast(inv_rows)) && exact;
+    });
+    for (int64_t j = 0; j < width; ++j) mean[j] += static_cast<double>(shift[j]);
     if (exact) return;
+    // The second sweep takes deviations from the mean rounded to acc; the
+    // correction term takes out that rounding.
+    for (int64_t j = 0; j < width; ++j) shift[j] = static_cast<acc>(mean[j]);
+    std::vector<double> sum_deviations(width);
     column_sums<acc>(
         rows, width,
         [&](auto tag, int64_t r, int64_t j) {
           using V = decltype(tag);
-          const V d = V::load(block + r * width + j) - V::load(mean + j);
+          const V d = V::load(block + r * width + j) - V::load(shift.data() + j);
           return Sums2<V>{d * d, d};
         },
-        [&](auto tag, int64_t j, const auto& deviations) {
-          using V = decltype(tag);
-          const V correction = deviations.second * deviations.second * V::broadcast(inv_rows);
-          (deviations.first - correction).store(m2 + j);
-        });
+        m2, sum_deviations.data());
+    for (int64_t j = 0; j < width; ++j) {
+      m2[j] -= sum_deviations[j] * sum_deviations[j] * inv_rows;
+    }
   }
 
   // The (mean, m2) of the block [begin, end) of each of channels [c0, c1).
@@ -266,8 +286,10 @@ struct GradSumsSweep {
   const acc* wide_mean;
   ChannelLayout layout;
 
-  void rows_sub_block(
-      int64_t offset, int64_t rows, int64_t width, acc* sum_dy, acc* sum_dy_xmu) const {
+  // The sums of each position of a block of the row layout (see
+  // MomentsSweep::rows_block), in double.
+  void rows_block(int64_t offset, int64_t rows, int64_t width, double* sum_dy,
+                  double* sum_dy_xmu) const {
     const T* dy = grad_output + offset;
     const T* block = x + offset;
     column_sums<acc>(
@@ -277,10 +299,7 @@ struct GradSumsSweep {
           const V g = V::load(dy + r * width + j);
           return Sums2<V>{g, g * (V::load(block + r * width + j) - V::load(wide_mean + j))};
         },
-        [&](auto, int64_t j, const auto& sums) {
-          sums.first.store(sum_dy + j);
-          sums.second.store(sum_dy_xmu + j);
-        });
+        sum_dy, sum_dy_xmu);
   }
 
   // The sums over the block [begin, end) of each of channels [c0, c1).
@@ -337,10 +356,9 @@ void reduce_then_apply(
         });
     return;
   }
-  auto rows_sub_block = [&](int64_t offset, int64_t rows, int64_t width, acc* first, acc* second) {
-    sweep.rows_sub_block(offset, rows, width, first, second);
-  };
-  const auto stats = layout.inner == 1 ? reduce_rows<Merge, acc>(layout, rows_sub_block)
+  auto rows_block = [&](int64_t offset, int64_t rows, int64_t width, double* first,
+                        double* second) { sweep.rows_block(offset, rows, width, first, second); };
+  const auto stats = layout.inner == 1 ? reduce_rows<Merge, acc>(layout, rows_block)
                                        : reduce_planes<Merge, acc>(layout, plane_blocks);
   for (int64_t c = 0; c < layout.channels; ++c) finish_channel(c, stats.first[c], stats.second[c]);
   if (!elementwise) return;

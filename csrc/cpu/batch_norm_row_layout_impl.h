@@ -66,89 +66,112 @@ std::vector<acc> widen(const acc* per_channel, int64_t channels) {
   return wide;
 }
 
+// Rows of column_sums summed in registers before their sums are added into
+// double totals: a float32 sum runs over at most this many terms, so its
+// rounding error stays that of a 32-term sum, however many rows there are.
+constexpr int64_t kFlushRows = 32;
+
 // One strip of column_sums: kVectors vectors of positions from j0, their
-// sums in registers while the rows go by.
-template <typename acc, int64_t kVectors, typename Terms, typename Finish>
-inline void strip_sums(int64_t rows, int64_t j0, const Terms& terms, const Finish& finish) {
+// sums in registers while up to kFlushRows rows go by, then added into the
+// double totals (a loop over lanes that vectorizes to widening adds).
+template <typename acc, int64_t kVectors, typename Terms>
+inline void strip_sums(int64_t row_begin, int64_t row_end, int64_t j0, const Terms& terms,
+                       double* first_total, double* second_total) {
   using V = Vec<acc>;
   constexpr int64_t L = V::kLanes;
-  V first[kVectors], second[kVectors];
-  for (int64_t k = 0; k < kVectors; ++k) first[k] = second[k] = V::broadcast(0);
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r0 = row_begin; r0 < row_end; r0 += kFlushRows) {
+    V first[kVectors], second[kVectors];
+    for (int64_t k = 0; k < kVectors; ++k) first[k] = second[k] = V::broadcast(0);
+    const int64_t r1 = std::min(row_end, r0 + kFlushRows);
+    for (int64_t r = r0; r < r1; ++r) {
+      for (int64_t k = 0; k < kVectors; ++k) {
+        const Sums2<V> t = terms(V{}, r, j0 + k * L);
+        first[k] = first[k] + t.first;
+        second[k] = second[k] + t.second;
+      }
+    }
+    alignas(64) acc lanes[2][kVectors * L];
     for (int64_t k = 0; k < kVectors; ++k) {
-      const Sums2<V> t = terms(V{}, r, j0 + k * L);
-      first[k] = first[k] + t.first;
-      second[k] = second[k] + t.second;
+      first[k].store(lanes[0] + k * L);
+      second[k].store(lanes[1] + k * L);
+    }
+    for (int64_t p = 0; p < kVectors * L; ++p) {
+      first_total[j0 + p] += static_cast<double>(lanes[0][p]);
+      second_total[j0 + p] += static_cast<double>(lanes[1][p]);
     }
   }
-  for (int64_t k = 0; k < kVectors; ++k) finish(V{}, j0 + k * L, Sums2<V>{first[k], second[k]});
 }
 
-// Sums two series down the columns of `rows` rows of `width` values:
-// terms(tag, r, j) gives both series' terms of row r at positions j.. (a
-// Sums2 of decltype(tag), Vec<acc> or Scalar<acc>), summed over the rows in
-// row order, and finish(tag, j, sums) receives the sums of positions j...
-// Strips of kStripVectors vectors keep their sums in registers (a sum in
-// memory would be loaded and stored back for every row); the positions past
-// the last full vector are summed one at a time.
-template <typename acc, typename Terms, typename Finish>
-void column_sums(int64_t rows, int64_t width, const Terms& terms, const Finish& finish) {
+// Sums two series down the columns of `rows` rows of `width` values into
+// first[j] and second[j] (double, zeroed here): terms(tag, r, j) gives both
+// series' terms of row r at positions j.. (a Sums2 of decltype(tag),
+// Vec<acc> or Scalar<acc>), summed over the rows in row order. The rows go
+// by in sub-blocks of about kStatBlock elements (at least kFlushRows rows),
+// so that a sweep stays within a window of memory the prefetchers and the
+// TLB follow; within a sub-block, strips of kStripVectors vectors keep their
+// sums in registers (a sum in memory would be loaded and stored back for
+// every row). The positions past the last full vector are summed one at a
+// time, in double.
+template <typename acc, typename Terms>
+void column_sums(int64_t rows, int64_t width, const Terms& terms, double* first, double* second) {
   constexpr int64_t L = Vec<acc>::kLanes;
+  std::fill(first, first + width, 0.0);
+  std::fill(second, second + width, 0.0);
   const int64_t vectors = width / L;
-  int64_t v = 0;
-  for (; v + kStripVectors <= vectors; v += kStripVectors) {
-    strip_sums<acc, kStripVectors>(rows, v * L, terms, finish);
-  }
-  static_assert(kStripVectors <= 4, "the switch below covers the strips left over");
-  switch (vectors - v) {
-    case 3:
-      strip_sums<acc, 3>(rows, v * L, terms, finish);
-      break;
-    case 2:
-      strip_sums<acc, 2>(rows, v * L, terms, finish);
-      break;
-    case 1:
-      strip_sums<acc, 1>(rows, v * L, terms, finish);
-      break;
-    default:
-      break;
+  const int64_t sub_rows = std::max(kFlushRows, kStatBlock / std::max<int64_t>(width, 1));
+  for (int64_t row_begin = 0; row_begin < rows; row_begin += sub_rows) {
+    const int64_t row_end = std::min(rows, row_begin + sub_rows);
+    int64_t v = 0;
+    for (; v + kStripVectors <= vectors; v += kStripVectors) {
+      strip_sums<acc, kStripVectors>(row_begin, row_end, v * L, terms, first, second);
+    }
+    static_assert(kStripVectors <= 4, "the switch below covers the strips left over");
+    switch (vectors - v) {
+      case 3:
+        strip_sums<acc, 3>(row_begin, row_end, v * L, terms, first, second);
+        break;
+      case 2:
+        strip_sums<acc, 2>(row_begin, row_end, v * L, terms, first, second);
+        break;
+      case 1:
+        strip_sums<acc, 1>(row_begin, row_end, v * L, terms, first, second);
+        break;
+      default:
+        break;
+    }
   }
   for (int64_t j = vectors * L; j < width; ++j) {
-    Sums2<Scalar<acc>> sums{{acc(0)}, {acc(0)}};
     for (int64_t r = 0; r < rows; ++r) {
       const Sums2<Scalar<acc>> t = terms(Scalar<acc>{}, r, j);
-      sums.first = sums.first + t.first;
-      sums.second = sums.second + t.second;
+      first[j] += static_cast<double>(t.first.v);
+      second[j] += static_cast<double>(t.second.v);
     }
-    finish(Scalar<acc>{}, j, sums);
   }
 }
 
 // Per-channel reduction in the row layout, on folded rows of `width` values:
 // the rows are cut into a shape-determined number of blocks, a task owns
-// whole blocks and sweeps a block in sub-blocks of about kStatBlock elements.
-// sub_block_stats(offset, rows, width, first, second) writes the pair of
-// statistics of `rows` rows of `width` values from element `offset`, per
-// value position, which is merged into the block's. The positions of a
-// folded row are then merged into their channels, and the rows left over by
-// the folding (fewer than `fold`) come last.
-template <typename Merge, typename acc, typename SubBlockStats>
-ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& sub_block_stats) {
+// whole blocks, and block_stats(offset, rows, width, first, second) writes
+// the pair of statistics of a block of `rows` rows from element `offset`,
+// per value position, in double. The blocks' pairs are merged in block
+// order, the positions of a folded row into their channels, and the rows
+// left over by the folding (fewer than `fold`) come last. Every merge is in
+// double, the totals rounded to acc once.
+template <typename Merge, typename acc, typename BlockStats>
+ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const BlockStats& block_stats) {
   const int64_t channels = layout.channels;
   const int64_t fold = row_fold(channels);
   const int64_t width = fold * channels;
   const int64_t rows = layout.outer / fold;
-  const int64_t sub_rows = std::max<int64_t>(1, kStatBlock / width);
   // As many blocks as threads could use (a block a task, and no block of
   // less than kParallelGrain elements), within the bounds: every block costs
   // a merge of `width` values.
   const int64_t blocks = std::min<int64_t>(
-      {(rows + sub_rows - 1) / sub_rows, kMaxRowBlocks,
-       std::max<int64_t>(1, rows * width / kParallelGrain),
-       std::max<int64_t>(1, kMaxPartialBytes / (2 * width * static_cast<int64_t>(sizeof(acc))))});
+      {rows, kMaxRowBlocks, std::max<int64_t>(1, rows * width / kParallelGrain),
+       std::max<int64_t>(1, kMaxPartialBytes / (2 * width * static_cast<int64_t>(sizeof(double))))});
   // Block b's statistics: first at [2 * b * width, (2 * b + 1) * width), then
-  // second; written by the block's first merge.
-  std::unique_ptr<acc[]> partials(new acc[2 * blocks * width]);
+  // second.
+  std::unique_ptr<double[]> partials(new double[2 * blocks * width]);
   auto block_rows = [&](int64_t block) {
     return std::make_pair(rows * block / blocks, rows * (block + 1) / blocks);
   };
@@ -156,28 +179,21 @@ ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& s
   at::parallel_for(
       0, blocks, std::max<int64_t>(1, kParallelGrain / std::max<int64_t>(block_elements, 1)),
       [&](int64_t block_begin, int64_t block_end) {
-        std::vector<acc> scratch(2 * width);
         for (int64_t block = block_begin; block < block_end; ++block) {
-          acc* first = partials.get() + 2 * block * width;
+          double* first = partials.get() + 2 * block * width;
           const auto [row_begin, row_end] = block_rows(block);
-          for (int64_t row = row_begin; row < row_end; row += sub_rows) {
-            const int64_t count = std::min(row_end - row, sub_rows);
-            sub_block_stats(row * width, count, width, scratch.data(), scratch.data() + width);
-            Merge::merge(
-                first, first + width, row - row_begin, scratch.data(), scratch.data() + width,
-                count, width);
-          }
+          block_stats(row_begin * width, row_end - row_begin, width, first, first + width);
         }
       });
-  std::vector<acc> wide(2 * width, acc(0));
+  std::vector<double> wide(2 * width, 0.0);
   for (int64_t block = 0; block < blocks; ++block) {
-    const acc* first = partials.get() + 2 * block * width;
+    const double* first = partials.get() + 2 * block * width;
     const auto [row_begin, row_end] = block_rows(block);
     Merge::merge(
         wide.data(), wide.data() + width, row_begin, first, first + width, row_end - row_begin,
         width);
   }
-  ChannelPair<acc> totals{std::vector<acc>(channels, acc(0)), std::vector<acc>(channels, acc(0))};
+  ChannelPair<double> totals{std::vector<double>(channels, 0.0), std::vector<double>(channels, 0.0)};
   for (int64_t k = 0; k < fold; ++k) {
     Merge::merge(
         totals.first.data(), totals.second.data(), k * rows, wide.data() + k * channels,
@@ -185,12 +201,13 @@ ChannelPair<acc> reduce_rows(const ChannelLayout& layout, const SubBlockStats& s
   }
   const int64_t leftover = layout.outer - rows * fold;
   if (leftover > 0) {
-    sub_block_stats(rows * width, leftover, channels, wide.data(), wide.data() + channels);
+    block_stats(rows * width, leftover, channels, wide.data(), wide.data() + channels);
     Merge::merge(
         totals.first.data(), totals.second.data(), rows * fold, wide.data(),
         wide.data() + channels, leftover, channels);
   }
-  return totals;
+  return {std::vector<acc>(totals.first.begin(), totals.first.end()),
+          std::vector<acc>(totals.second.begin(), totals.second.end())};
 }
 
 } // namespace

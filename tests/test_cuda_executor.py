@@ -122,3 +122,15 @@ def test_the_sanitizer_build_reports_a_read_past_a_tensor(cuda_executor):
     assert child.returncode != 0, child.stdout
     assert "AddressSanitizer: heap-buffer-overflow" in child.stderr, child.stderr[-3000:]
     assert "global_read_past_end_kernel" in child.stderr
+
+
+def test_a_build_killed_midway_does_not_block_the_next_load(cuda_executor):
+    """torch's builder waits, forever, on the lock file a killed build leaves
+    in the folder (a test's timeout killing a child mid-build); the next load
+    removes it and goes on."""
+    lock = build.build_directory(build._wants_sanitizer()) / "lock"
+    lock.write_text("")
+    child = _run_child("print('loaded')", env=os.environ.copy())
+    assert child.returncode == 0, child.stderr[-2000:]
+    assert "loaded" in child.stdout
+    assert not lock.exists()

@@ -126,10 +126,20 @@ def loaded_module():
 
 
 def _build_and_import(sanitize: bool, verbose: bool):
-    from torch.utils.cpp_extension import load as load_extension
-
     build_dir = build_directory(sanitize)
     build_dir.mkdir(parents=True, exist_ok=True)
+    # A build killed midway (a test's timeout) leaves torch's lock file, on
+    # which every later load of the folder would wait forever: the package's
+    # builders' flock removes it (see layernorm_ext._loader).
+    from layernorm_ext._loader import _exclusive_build
+
+    with _exclusive_build(build_dir):
+        return _build_locked(build_dir, sanitize, verbose)
+
+
+def _build_locked(build_dir: Path, sanitize: bool, verbose: bool):
+    from torch.utils.cpp_extension import load as load_extension
+
     sources = (
         [HERE / "runtime.cpp", HERE / "fiber.cpp", HERE / "emulated_ops.cpp", HERE / "selftest_kernels.cpp"]
         + _kernel_units(build_dir)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import layernorm_ext
+
 from backends import backend_params
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -77,3 +79,33 @@ def test_float32_error_at_most_torchs(backend, case, data, quantities):
 @pytest.mark.parametrize("case,data,quantities", CUDA_CASES, ids=_ids(CUDA_CASES))
 def test_cuda_kernels_float32_error_at_most_torchs(backend, case, data, quantities):
     _assert_at_most_torchs(backend, case, data, quantities)
+
+
+@pytest.mark.parametrize(
+    "shape,channels_last", [((128, 64), False), ((300, 1024), False), ((16, 24, 9, 9), True)])
+def test_batch_norm_rows_whose_first_rows_stand_apart(shape, channels_last):
+    """Grouped or sorted data: the first 8 rows of the batch lie 40 standard
+    deviations from the rest. A shift taken from the first rows alone would
+    leave the one-sweep variance to cancel 15 roundings; the output and the
+    updated running variance must stay as accurate as torch's."""
+    channels = shape[1]
+    worst = {"ours": [0.0, 0.0], "torch": [0.0, 0.0]}
+    for seed in range(3):
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(shape, generator=gen)
+        x[:8] += 40
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        running_ref = [torch.zeros(channels, dtype=torch.float64),
+                       torch.ones(channels, dtype=torch.float64)]
+        ref = torch.nn.functional.batch_norm(x.double(), *running_ref, None, None, True, 1.0, 1e-5)
+        for name, fn in (("ours", layernorm_ext.batch_norm),
+                         ("torch", torch.nn.functional.batch_norm)):
+            running = [torch.zeros(channels), torch.ones(channels)]
+            y = fn(x, *running, None, None, True, 1.0, 1e-5)
+            errors = (bench_accuracy.relative_error(y, ref)[0],
+                      bench_accuracy.relative_error(running[1], running_ref[1])[0])
+            worst[name] = [max(w, e) for w, e in zip(worst[name], errors)]
+    for k, quantity in enumerate(("output", "running_var")):
+        assert worst["ours"][k] <= MARGIN * worst["torch"][k], (
+            f"{quantity}: max error {worst['ours'][k]:.3e} against torch's {worst['torch'][k]:.3e}")

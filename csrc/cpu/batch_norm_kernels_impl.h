@@ -134,7 +134,7 @@ void parallel_elementwise(
 // Statistics of the training forward: per-channel mean and m2 (sum of squared
 // deviations from the mean). A block's sum is taken of x - shift, shift being
 // an estimate of its mean (shift_estimate of the block's first values; in the
-// row layout, of each position's first rows), so that its rounding error
+// row layout, of rows spread over the block), so that its rounding error
 // scales with the channel's spread and not with its mean (a float32 sum of
 // 8192 values near 1e4 would lose the mean's last digits). m2 is the
 // corrected two-pass sum(d^2) - sum(d)^2 / n, d = x - mean: the second term
@@ -162,15 +162,19 @@ struct MomentsSweep {
   // from element `offset` (a block of the row layout), in double.
   void rows_block(int64_t offset, int64_t rows, int64_t width, double* mean, double* m2) const {
     const T* block = x + offset;
-    // Each position's shift: the mean of its first kShiftSamples rows, or
-    // of fewer in a block of fewer than 16 * kShiftSamples rows, so that the
-    // estimate costs at most a sixteenth of the sweep.
+    // Each position's shift: the mean of kShiftSamples rows spread evenly
+    // over the block (a block whose first rows stand apart, sorted or
+    // grouped data, still gets a shift near its mean), or of fewer in a
+    // block of fewer than 16 * kShiftSamples rows, so that the estimate
+    // costs at most a sixteenth of the sweep.
     std::vector<acc> shift(width);
     const int64_t samples = std::min(kShiftSamples, (rows + 15) / 16);
     for_each_vector<acc>(width, [&](auto tag, int64_t j) {
       using V = decltype(tag);
       V total = V::broadcast(0);
-      for (int64_t r = 0; r < samples; ++r) total = total + V::load(block + r * width + j);
+      for (int64_t k = 0; k < samples; ++k) {
+        total = total + V::load(block + k * rows / samples * width + j);
+      }
       (total * V::broadcast(acc(1) / static_cast<acc>(samples))).store(shift.data() + j);
     });
     column_sums<acc>(

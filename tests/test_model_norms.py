@@ -253,34 +253,16 @@ def test_a_converted_layer_has_the_originals_gradients(entry, dtype):
 
 def tiny_config(kind):
     transformers = import_transformers()
-    if kind == "llama":
-        return transformers.LlamaConfig(
-            vocab_size=97,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
-    if kind == "gemma":
-        return transformers.Gemma2Config(
-            vocab_size=97,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            head_dim=16,
-        )
-    return transformers.T5Config(
-        vocab_size=97,
-        d_model=64,
-        d_kv=16,
-        d_ff=96,
-        num_layers=2,
-        num_heads=4,
-        decoder_start_token_id=0,
-    )
+    if kind == "t5":
+        return transformers.T5Config(
+            vocab_size=97, d_model=64, d_kv=16, d_ff=96, num_layers=2, num_heads=4,
+            decoder_start_token_id=0,
+        )  # fmt: skip
+    config = {"llama": transformers.LlamaConfig, "gemma": transformers.Gemma2Config}[kind]
+    return config(
+        vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    )  # fmt: skip
 
 
 def tiny_model(kind, dtype=torch.float32):

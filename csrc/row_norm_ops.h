@@ -19,11 +19,14 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <type_traits>
+#include <vector>
 
 namespace layernorm_ext {
 
-// A forward call as the kernels see it: contiguous arguments, allocated
-// contiguous outputs.
+// A forward call as the kernels see it: contiguous arguments (but for an
+// input that is_channels_first_view, for a backend that reads those),
+// allocated contiguous outputs.
 struct RowNormForward {
   RowShape shape;
   at::Tensor input;
@@ -50,6 +53,29 @@ struct RowNormBackward {
 
 namespace row_norm_ops {
 
+// Whether `input`, normalized over its last dim, is the channels-last view of
+// a contiguous channels-first tensor: x.permute(0, 2, ..., d-1, 1) of an
+// (N, C, *spatial) tensor, as timm's LayerNorm2d passes to layer_norm. Its
+// rows (positions) hold their channels a plane apart; a backend whose
+// Kernels declare `static constexpr bool kReadsChannelsFirst = true` reads
+// it as it is (the output is contiguous all the same), saving a copy of the
+// whole input.
+inline bool is_channels_first_view(const at::Tensor& input, at::IntArrayRef normalized_shape) {
+  const int64_t dims = input.dim();
+  if (normalized_shape.size() != 1 || dims < 3 || input.numel() == 0 || input.is_contiguous()) {
+    return false;
+  }
+  std::vector<int64_t> channels_first{0, dims - 1};
+  for (int64_t d = 1; d < dims - 1; ++d) channels_first.push_back(d);
+  return input.permute(channels_first).is_contiguous();
+}
+
+template <class Kernels, class = void>
+struct ReadsChannelsFirst : std::false_type {};
+template <class Kernels>
+struct ReadsChannelsFirst<Kernels, std::void_t<decltype(Kernels::kReadsChannelsFirst)>>
+    : std::bool_constant<Kernels::kReadsChannelsFirst> {};
+
 template <class Kernels, bool kCenter>
 RowNormForward forward(
     const char* op,
@@ -62,7 +88,9 @@ RowNormForward forward(
   RowNormForward call;
   call.shape = check_row_norm_args(op, input, normalized_shape, weight, bias);
   if (residual) check_residual(op, input, *residual);
-  call.input = input.contiguous();
+  const bool channels_first = ReadsChannelsFirst<Kernels>::value && !residual &&
+      is_channels_first_view(input, normalized_shape);
+  call.input = channels_first ? input : input.contiguous();
   if (residual) call.residual = residual->contiguous();
   call.weight = optional_contiguous(weight);
   call.bias = optional_contiguous(bias);

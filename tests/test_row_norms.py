@@ -87,6 +87,46 @@ def test_same_bits_for_any_thread_count(norm):
 
 
 @pytest.mark.parametrize("norm", NORMS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    "shape",
+    # (N, C, *spatial): planes within a tile, over several with a ragged last
+    # one, channels enough to shrink the tile, 1-D and 3-D spatial dims.
+    [(2, 48, 5, 7), (2, 40, 23, 29), (1, 3, 30, 31), (3, 700, 4, 5), (2, 16, 9), (2, 8, 3, 4, 5)],
+)
+def test_channels_first_input_seen_channels_last_gives_the_contiguous_inputs_bits(
+    norm, dtype, shape
+):
+    """timm's LayerNorm2d normalizes x.permute(0, 2, 3, 1) of an NCHW x. The
+    CPU kernels read that view as it is, in tiles of positions gathered into
+    rows: outputs, statistics and gradients must be those of its contiguous
+    copy, bit for bit, whatever the thread count, the output contiguous."""
+    channels_last = [0] + list(range(2, len(shape))) + [1]
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype).permute(channels_last)
+    assert not x.is_contiguous()
+    w = torch.randn(shape[1], dtype=dtype)
+    b = torch.randn(shape[1], dtype=dtype)
+    grad = torch.randn(x.shape, dtype=dtype)
+    threads = torch.get_num_threads()
+
+    def run(input, threads):
+        torch.set_num_threads(threads)
+        input = input.detach().requires_grad_()
+        params = [w.clone().requires_grad_()] + ([b.clone().requires_grad_()] if _has_bias(norm) else [])
+        out = norm.op(input, (shape[1],), *params)
+        return [out] + list(torch.autograd.grad(out, [input] + params, grad))
+
+    try:
+        expected = run(x.contiguous(), threads)
+        for actual in (run(x, threads), run(x, 1)):
+            assert actual[0].is_contiguous()
+            for a, e in zip(actual, expected):
+                assert torch.equal(a, e)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("norm", NORMS)
 def test_non_contiguous_grad_output(norm):
     x = torch.randn(6, 10, dtype=torch.float64, requires_grad=True)
     w = torch.randn(10, dtype=torch.float64, requires_grad=True)

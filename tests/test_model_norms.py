@@ -366,6 +366,31 @@ def test_torch_compile_traces_a_converted_layer_without_graph_breaks():
         compiled(x).sum().backward()
 
 
+def test_torch_compile_traces_a_converted_decoder_layer_without_graph_breaks():
+    import_transformers()
+    from transformers.models.llama import modeling_llama
+
+    config = tiny_config("llama")
+    config._attn_implementation = "sdpa"  # an unset one logs, which breaks the graph
+    torch.manual_seed(10)
+    original = modeling_llama.LlamaDecoderLayer(config, 0)
+    converted = replace_norms(copy.deepcopy(original))
+    assert count_converted(converted) == 2
+    x = torch.randn(2, 11, 64)
+    positions = modeling_llama.LlamaRotaryEmbedding(config)(x, torch.arange(11)[None].expand(2, -1))
+    torch._dynamo.reset()
+    compiled = torch.compile(converted, fullgraph=True, backend="aot_eager")
+    inputs = [x.clone().requires_grad_() for _ in range(2)]
+    outputs = [
+        layer(i, position_embeddings=positions) for layer, i in zip((original, compiled), inputs)
+    ]
+    outputs = [o[0] if isinstance(o, tuple) else o for o in outputs]
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=1e-5, atol=1e-5)
+    for output, i in zip(outputs, inputs):
+        output.square().sum().backward()
+    torch.testing.assert_close(inputs[1].grad, inputs[0].grad, rtol=1e-4, atol=1e-5)
+
+
 # --- timm -----------------------------------------------------------------------
 
 

@@ -39,7 +39,8 @@ struct RowNormForward {
   at::Tensor rstd;  // accumulation type
 };
 
-// A backward call as the kernels see it. Each gradient is undefined when not
+// A backward call as the kernels see it (input and grad_output contiguous, or
+// channels-first views as in RowNormForward). Each gradient is undefined when not
 // asked for (a parameter's also when the parameter is absent); the parameter
 // gradients are in their parameter's dtype.
 struct RowNormBackward {
@@ -58,8 +59,8 @@ namespace row_norm_ops {
 // (N, C, *spatial) tensor, as timm's LayerNorm2d passes to layer_norm. Its
 // rows (positions) hold their channels a plane apart; a backend whose
 // Kernels declare `static constexpr bool kReadsChannelsFirst = true` reads
-// it as it is (the output is contiguous all the same), saving a copy of the
-// whole input.
+// it as it is (the outputs are contiguous all the same), in the forward and
+// the backward (input, grad_output or both), saving a copy of each.
 inline bool is_channels_first_view(const at::Tensor& input, at::IntArrayRef normalized_shape) {
   const int64_t dims = input.dim();
   if (normalized_shape.size() != 1 || dims < 3 || input.numel() == 0 || input.is_contiguous()) {
@@ -125,8 +126,13 @@ std::array<at::Tensor, 3> backward(
   } else {
     check_row_norm_backward_args(op, grad_output, input, call.shape, {&rstd});
   }
-  call.grad_output = grad_output.contiguous();
-  call.input = input.contiguous();
+  const auto as_read = [&](const at::Tensor& t) {
+    return ReadsChannelsFirst<Kernels>::value && is_channels_first_view(t, normalized_shape)
+        ? t
+        : t.contiguous();
+  };
+  call.grad_output = as_read(grad_output);
+  call.input = as_read(input);
   if (kCenter) call.mean = mean.contiguous();
   call.rstd = rstd.contiguous();
   call.weight = optional_contiguous(weight);

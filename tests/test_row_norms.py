@@ -94,34 +94,46 @@ def test_same_bits_for_any_thread_count(norm):
     # one, channels enough to shrink the tile, 1-D and 3-D spatial dims.
     [(2, 48, 5, 7), (2, 40, 23, 29), (1, 3, 30, 31), (3, 700, 4, 5), (2, 16, 9), (2, 8, 3, 4, 5)],
 )
+@pytest.mark.parametrize("grad_layout", ["contiguous", "channels_first"])
 def test_channels_first_input_seen_channels_last_gives_the_contiguous_inputs_bits(
-    norm, dtype, shape
+    norm, dtype, shape, grad_layout
 ):
-    """timm's LayerNorm2d normalizes x.permute(0, 2, 3, 1) of an NCHW x. The
-    CPU kernels read that view as it is, in tiles of positions gathered into
-    rows: outputs, statistics and gradients must be those of its contiguous
-    copy, bit for bit, whatever the thread count, the output contiguous."""
+    """timm's LayerNorm2d normalizes x.permute(0, 2, 3, 1) of an NCHW x, and
+    its gradient comes back in either layout. The CPU kernels read such views
+    as they are, in tiles of positions gathered into rows: the output and
+    grad_input must be the contiguous copy's, bit for bit, contiguous; the
+    weight and bias gradients (summed per tile, then over tiles) equal to
+    rounding; all of it the same bits whatever the thread count."""
     channels_last = [0] + list(range(2, len(shape))) + [1]
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 1).to(dtype).permute(channels_last)
     assert not x.is_contiguous()
     w = torch.randn(shape[1], dtype=dtype)
     b = torch.randn(shape[1], dtype=dtype)
-    grad = torch.randn(x.shape, dtype=dtype)
+    grad = torch.randn(shape, dtype=dtype).permute(channels_last)
+    if grad_layout == "contiguous":
+        grad = grad.contiguous()
     threads = torch.get_num_threads()
 
-    def run(input, threads):
+    def run(input, grad, threads):
         torch.set_num_threads(threads)
         input = input.detach().requires_grad_()
-        params = [w.clone().requires_grad_()] + ([b.clone().requires_grad_()] if _has_bias(norm) else [])
+        params = [w.clone().requires_grad_()]
+        if _has_bias(norm):
+            params.append(b.clone().requires_grad_())
         out = norm.op(input, (shape[1],), *params)
         return [out] + list(torch.autograd.grad(out, [input] + params, grad))
 
     try:
-        expected = run(x.contiguous(), threads)
-        for actual in (run(x, threads), run(x, 1)):
-            assert actual[0].is_contiguous()
-            for a, e in zip(actual, expected):
-                assert torch.equal(a, e)
+        expected = run(x.contiguous(), grad.contiguous(), threads)
+        actual = run(x, grad, threads)
+        assert actual[0].is_contiguous() and actual[1].is_contiguous()
+        for a, e in zip(actual[:2], expected[:2]):
+            assert torch.equal(a, e)
+        tolerance = {"rtol": 1e-2, "atol": 1e-2} if dtype in (torch.float16, torch.bfloat16) else {}
+        for a, e in zip(actual[2:], expected[2:]):
+            torch.testing.assert_close(a, e, **tolerance)
+        for a, e in zip(run(x, grad, 1), actual):
+            assert torch.equal(a, e)
     finally:
         torch.set_num_threads(threads)
 

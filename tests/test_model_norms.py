@@ -224,6 +224,26 @@ def test_a_converted_llama_norm_is_at_least_as_accurate_as_the_original():
     assert max(errors["ours"]) <= max(errors["original"]), errors
 
 
+@pytest.mark.parametrize("input_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("entry", [(f, REFERENCES[f][0]) for f in REFERENCES], ids=lambda e: e[0])
+def test_under_autocast_a_converted_layer_computes_what_the_original_does(entry, input_dtype):
+    family_name, class_entry = entry
+    import_transformers()
+    original = random_layer(
+        transformers_class(class_entry), 64, torch.float32, 0.0 if family_name == "gemma" else 1.0
+    )
+    converted = replace_norms(copy.deepcopy(original))
+    torch.manual_seed(11)
+    x = (torch.randn(6, 64) * 2 + 0.3).to(DTYPES[input_dtype])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, ours = original(x), converted(x)
+    assert ours.dtype == expected.dtype
+    if expected.dtype == torch.bfloat16:
+        assert ulp_distance(ours, expected, torch.bfloat16).max() <= 1
+    else:
+        assert ulp_distance(ours, expected, torch.float32).max() <= 8
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("entry", [(f, REFERENCES[f][0]) for f in REFERENCES], ids=lambda e: e[0])
 def test_a_converted_layer_has_the_originals_gradients(entry, dtype):

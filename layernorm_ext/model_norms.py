@@ -112,8 +112,8 @@ def _timm_layer_norm_fp32_forward(self, x):
 
 def _timm_layer_norm_2d_forward(self, x):
     # Over the channels of NCHW input. The permuted view of a channels_last
-    # input is contiguous; the CPU kernels read that of an NCHW one as it is
-    # (row_norm_ops::is_channels_first_view): neither costs a copy.
+    # input is contiguous; the CPU kernels read that of an NCHW one as it is,
+    # and its gradient (row_norm_ops::is_channels_first_view): no copies.
     x = layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
     return x.permute(0, 3, 1, 2)
 

@@ -3,7 +3,8 @@
 
 A layer is converted only when its class *is* one listed here: the class
 object found under its module and name, in a module that the model itself
-imported (nothing is imported here). Never by a name or a shape alone, so a
+imported (only loading a pickled model imports one, see __getattr__). Never
+by a name or a shape alone, so a
 model's own ``MyRMSNorm`` stays as it is, whatever it computes.
 
 Each family's forward reproduces the original's arithmetic (where it

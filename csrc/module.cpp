@@ -3,9 +3,12 @@
 // the ops (ops.cpp) and their kernels; the module itself reports how the library
 // was built.
 #include "eager_calls.h"
+#include "cpu/output_stores.h"
 #include "cpu/simd_level.h"
 
 #include <torch/extension.h>
+
+#include <cstdint>
 
 namespace {
 
@@ -35,6 +38,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // ("avx512", "avx2" or "scalar"; at most what the CPU supports).
   m.def("_set_simd_level", [](const std::string& name) {
     layernorm_ext::cpu::set_simd_level(layernorm_ext::cpu::parse_simd_level(name));
+  });
+  // For tests: how the CPU kernels write outputs of 16 MiB or more ("auto":
+  // non-temporal stores into resident memory; "streamed", "plain": always
+  // that way, where alignment permits).
+  m.def("_set_output_stores", [](const std::string& name) {
+    layernorm_ext::cpu::set_output_stores(layernorm_ext::cpu::parse_output_stores(name));
+  });
+  // For tests: whether an output ending at this address would be streamed.
+  m.def("_streams_output_at", [](std::uintptr_t last) {
+    return layernorm_ext::cpu::stream_output_memory(reinterpret_cast<const void*>(last));
   });
   // The forward ops without torch.ops' boxing, for the eager wrappers
   // (layernorm_ext/_eager.py).

@@ -4,7 +4,9 @@ checked against float64 references, bit-exact bfloat16/half rounding,
 thread-count determinism, the streamed-output path, and the build_info /
 LAYERNORM_EXT_SIMD controls."""
 
+import ctypes
 import functools
+import mmap
 import os
 import sys
 
@@ -179,10 +181,47 @@ def test_thread_count_does_not_change_bits(level):
             assert torch.equal(a, b_)
 
 
+@pytest.fixture
+def streamed_stores():
+    """Every output of 16 MiB or more written with non-temporal stores (where
+    alignment permits), whatever the state of its memory: a fresh output, as
+    glibc maps one, would otherwise be stored plainly."""
+    _C._set_output_stores("streamed")
+    yield
+    _C._set_output_stores("auto")
+
+
+def test_outputs_are_streamed_into_resident_memory_only():
+    # The kernels stream an output when the page of its last element is
+    # mapped in; a fresh anonymous mapping is not, until written.
+    if sys.platform != "linux":
+        pytest.skip("residency is read with Linux's mincore(); elsewhere outputs are always streamed")
+    size = 4 << 20
+    memory = mmap.mmap(-1, size)
+    try:
+        last = ctypes.addressof(ctypes.c_char.from_buffer(memory, size - 1))
+        assert not _C._streams_output_at(last)
+        memory[size - 1] = 1
+        assert _C._streams_output_at(last)
+        _C._set_output_stores("plain")
+        assert not _C._streams_output_at(last)
+        _C._set_output_stores("streamed")
+        assert _C._streams_output_at(last - size + 1)
+    finally:
+        _C._set_output_stores("auto")
+        memory.close()
+
+
+def test_unknown_output_stores_raise():
+    with pytest.raises(RuntimeError, match='expected "auto", "streamed" or "plain", got "fast"'):
+        _C._set_output_stores("fast")
+
+
 @pytest.mark.parametrize("dtype,rows", [(torch.float32, 4096), (torch.bfloat16, 8192)])
-def test_large_outputs_streamed_are_exact(level, dtype, rows):
+def test_large_outputs_streamed_are_exact(level, streamed_stores, dtype, rows):
     # 16 MiB outputs with 64-byte aligned rows take the non-temporal store
-    # path: each row must have the bits it gets in a
+    # path (the backward's only where a store fills whole lines: float32
+    # with AVX-512): each row must have the bits it gets in a
     # small, plainly stored call, since a row's result does not depend on the
     # other rows; and the whole must match float64.
     cols = 1024
@@ -328,7 +367,7 @@ def test_batch_norm_thread_count_does_not_change_bits(level, shape, memory_forma
      ((32, 65, 63, 65), torch.contiguous_format, torch.bfloat16),
      ((700, 250, 5, 5), torch.contiguous_format, torch.float32)],  # planes of 1 to 2 Vecs
 )
-def test_batch_norm_large_outputs_streamed_are_exact(level, shape, memory_format, dtype):
+def test_batch_norm_large_outputs_streamed_are_exact(level, streamed_stores, shape, memory_format, dtype):
     # Outputs of 16 MiB or more take the non-temporal store path, planes and
     # rows at any alignment (the first elements up to a 64-byte boundary are
     # stored plainly, and runs too short to reach a boundary and fill a Vec

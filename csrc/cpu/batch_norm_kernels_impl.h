@@ -22,7 +22,8 @@
 //   then dx; eval reads dy once). In the plane layout with a channel per
 //   thread or more, a task runs both sweeps of a group of channels back to
 //   back, so the second reads from cache. Outputs of kStreamBytes or more are
-//   written with non-temporal stores.
+//   written with non-temporal stores when their memory is mapped in
+//   (output_stores.h).
 // - Precision: sums are of x - shift, shift an estimate of the block's mean,
 //   so that a large mean costs no precision; a block's variance comes from
 //   that one sweep when it is exact enough, else from a second sweep of
@@ -373,8 +374,9 @@ void reduce_then_apply(
 // Whether an elementwise pass writes its output of `elements` T values with
 // non-temporal stores.
 template <typename T>
-bool stream_output(int64_t elements) {
-  return elements * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+bool stream_output(const T* output, int64_t elements) {
+  return output != nullptr && elements * static_cast<int64_t>(sizeof(T)) >= kStreamBytes &&
+      stream_output_memory(output + elements - 1);
 }
 
 } // namespace
@@ -390,7 +392,7 @@ void batch_norm_forward(const BatchNormForwardArgs<T>& args) {
   const int64_t channels = layout.channels;
   if (channels == 0) return;
   const int64_t count = layout.outer * layout.inner;
-  const bool stream = stream_output<T>(count * channels);
+  const bool stream = stream_output(args.output, count * channels);
 
   // y = (x - center) * scale + shift. A channel whose mean lies further than
   // a standard deviation from 0 takes center = mean, shift = bias:
@@ -478,7 +480,7 @@ void batch_norm_backward(const BatchNormBackwardArgs<T>& args) {
   if (channels == 0) return;
   const int64_t count = layout.outer * layout.inner;
   const acc inv_count = count > 0 ? acc(1) / static_cast<acc>(count) : acc(0);
-  const bool stream = stream_output<T>(count * channels);
+  const bool stream = stream_output(args.grad_input, count * channels);
 
   // dx = dy * dy_scale + (x - mean) * xmu_scale + shift (training), or
   // dy * dy_scale (eval): per-channel coefficients, widened to a folded row

@@ -31,9 +31,9 @@
 // formed from them in double and rounded to acc once.
 //
 // Outputs of kStreamBytes or more (too large to stay in cache for their
-// consumer) with 64-byte aligned rows are written with non-temporal stores,
-// which skip the read for ownership of each destination line: a third less
-// memory traffic.
+// consumer) with 64-byte aligned rows, into memory already mapped in, are
+// written with non-temporal stores, which skip the read for ownership of
+// each destination line: a third less memory traffic (output_stores.h).
 //
 // Backward: for a group of kRowGroup rows, one sweep per row loads x and dy
 // and sums dy*w and dy*w*(x - mean); then one sweep over the columns writes
@@ -58,7 +58,8 @@ template <typename T>
 inline bool stream_output(const T* output, int64_t rows, int64_t cols) {
   const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
   return output != nullptr && rows * row_bytes >= kStreamBytes && row_bytes % kStreamAlignment == 0 &&
-      reinterpret_cast<std::uintptr_t>(output) % kStreamAlignment == 0;
+      reinterpret_cast<std::uintptr_t>(output) % kStreamAlignment == 0 &&
+      stream_output_memory(output + rows * cols - 1);
 }
 
 template <bool kCenter, typename T>
@@ -156,7 +157,13 @@ void row_norm_backward(const RowNormBackwardArgs<T>& args) {
   const int64_t blocks = partial_rows > 0
       ? grad_blocks(rows, cols, partial_rows * static_cast<int64_t>(sizeof(acc)))
       : (rows + grain_rows(cols) - 1) / grain_rows(cols);
-  const bool stream = stream_output(args.grad_input, rows, cols);
+  // Streamed only when each store fills whole lines: a group writes its rows
+  // in turn, and half-line non-temporal stores (half and bfloat16, or float
+  // with AVX2) to four lines at once leave the write-combining buffers
+  // flushing partial lines, each a read-modify-write in memory (bfloat16
+  // 8192x4096: a third slower than ordinary stores).
+  const bool stream = Vec<acc>::kLanes * static_cast<int64_t>(sizeof(T)) % kStreamAlignment == 0 &&
+      stream_output(args.grad_input, rows, cols);
 
   // A task takes blocks by the work they hold, so that small inputs stay inline.
   const int64_t blocks_per_task = (blocks + grad_tasks(rows, cols) - 1) / grad_tasks(rows, cols);

@@ -20,7 +20,8 @@ constexpr int64_t kSumChunk = 512;
 // Outputs of kStreamBytes or more are too large to stay in cache for their
 // consumer: they are written with non-temporal stores, which skip the read
 // for ownership of each destination line (a third less memory traffic) and
-// need kStreamAlignment-aligned addresses.
+// need kStreamAlignment-aligned addresses; output_stores.h says when they
+// do not pay (memory not yet mapped in).
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 constexpr int64_t kStreamAlignment = 64;
 

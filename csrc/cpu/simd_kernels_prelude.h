@@ -5,6 +5,7 @@
 #pragma once
 
 #include "batch_norm_kernels.h"
+#include "output_stores.h"
 #include "row_norm_kernels.h"
 
 #include <ATen/Parallel.h>

@@ -43,6 +43,9 @@ CPU_CASES = [
     (Case("rms_norm", (4096, 3)), "offset", ("grad_weight",)),
     (Case("rms_norm", (4096, 3)), "centred", ("grad_weight",)),
     (Case("rms_norm", (65536, 5)), "centred", ("grad_weight",)),
+    # Many long rows: the partials' 4 MiB bound, not the chain length, sets
+    # the weight gradient's blocks (409 blocks of 20 rows).
+    (Case("layer_norm", (8192, 1280)), "offset", ("grad_weight", "grad_bias")),
 ]
 
 # The CUDA kernels on the CPU executor, at the executor's sizes: where rstd

@@ -15,7 +15,8 @@
 // Memory: each row is read from memory once and written once. The first
 // sweep loads it (and the residual), writes the fused sum and sums it, all
 // in one pass; the normalize sweep then reads the row (or the fused sum)
-// again from L1/L2, widening half/bfloat16 again on the way.
+// again from L1/L2, widening half/bfloat16 again on the way, and prefetches
+// the next row's input.
 //
 // LayerNorm's variance: the first sweep sums d = x - shift and d^2, shift
 // the mean of the row's first values (shift_estimate), and
@@ -133,8 +134,16 @@ void row_norm_forward(const RowNormForwardArgs<T>& args) {
       // bias pointers and the flag (a bool may alias anything).
       const auto* weight = args.weight;
       const auto* bias = args.bias;
+      // The next row's input is prefetched (to L2) while this one is
+      // normalized: that sweep reads from cache only, so without it no
+      // memory request would be in flight until the next row's first sweep
+      // misses (float32 4096x2048, 1 thread, tcmalloc: 4.4 to 3.4 ms;
+      // bfloat16 RMSNorm 8192x4096, 2 threads: 6.6 to 4.2 ms). L2, not L1:
+      // two 16 KiB rows in L1 would evict the row being read.
+      const T* ahead = r + 1 < end ? in + cols : in;
       auto normalized = [&](auto tag, int64_t j) {
         using V = decltype(tag);
+        __builtin_prefetch(ahead + j, 0, 2);
         return fma((V::load(x + j) - V::broadcast(mu)) * V::broadcast(rs), V::load(weight + j),
             V::load(bias + j));
       };

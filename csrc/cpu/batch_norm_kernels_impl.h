@@ -371,14 +371,6 @@ void reduce_then_apply(
   parallel_elementwise(layout, row, plane_range);
 }
 
-// Whether an elementwise pass writes its output of `elements` T values with
-// non-temporal stores.
-template <typename T>
-bool stream_output(const T* output, int64_t elements) {
-  return output != nullptr && elements * static_cast<int64_t>(sizeof(T)) >= kStreamBytes &&
-      stream_output_memory(output + elements - 1);
-}
-
 } // namespace
 
 // Forward. Training: normalizes with the batch statistics, writes them to

@@ -58,9 +58,9 @@ constexpr int64_t kRowGroup = 4;
 template <typename T>
 inline bool stream_output(const T* output, int64_t rows, int64_t cols) {
   const int64_t row_bytes = cols * static_cast<int64_t>(sizeof(T));
-  return output != nullptr && rows * row_bytes >= kStreamBytes && row_bytes % kStreamAlignment == 0 &&
+  return row_bytes % kStreamAlignment == 0 &&
       reinterpret_cast<std::uintptr_t>(output) % kStreamAlignment == 0 &&
-      stream_output_memory(output + rows * cols - 1);
+      stream_output(output, rows * cols);
 }
 
 template <bool kCenter, typename T>

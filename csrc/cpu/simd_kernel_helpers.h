@@ -25,6 +25,14 @@ constexpr int64_t kSumChunk = 512;
 constexpr int64_t kStreamBytes = int64_t{16} << 20;
 constexpr int64_t kStreamAlignment = 64;
 
+// Whether to write an output of `elements` T values with non-temporal
+// stores: it is kStreamBytes or more and its memory is mapped in.
+template <typename T>
+inline bool stream_output(const T* output, int64_t elements) {
+  return output != nullptr && elements * static_cast<int64_t>(sizeof(T)) >= kStreamBytes &&
+      stream_output_memory(output + elements - 1);
+}
+
 // Variances in one sweep: the sums of d = x - shift and d^2, shift an
 // estimate of the mean, give n * var = sum(d^2) - sum(d)^2 / n, which
 // cancels by about (mean - shift)^2 / var roundings. The shift is the mean of
